@@ -1,0 +1,1 @@
+"""scorejax: score-based generative modeling through SDEs, in JAX/Flax."""

@@ -1,0 +1,290 @@
+"""Forward SDEs of score-based generative models, and their reverse-time SDE / ODE.
+
+Owns the VE, VP and sub-VP SDEs of Song et al. (2021), with the vocabulary of
+`score_sde`: `sde(x, t) -> (drift, diffusion)`, `marginal_prob(x, t) -> (mean, std)`,
+`prior_sampling(key, shape)`, `prior_logp(z)`, `discretize(x, t) -> (f, G)` and
+`reverse(score_fn, probability_flow=False)`.
+
+Conventions: `x` is `[B, ...]` (images are NHWC), `t` is `[B]`; per-sample scalars
+(`diffusion`, `std`, `G`, `prior_logp`) are `[B]`. SDE objects are frozen dataclasses
+registered as static pytrees, so they can be closed over or passed through `jax.jit`.
+
+References:
+  Song et al. 2021, "Score-Based Generative Modeling through Stochastic Differential
+  Equations", ICLR. Eq. (6) reverse SDE, Eq. (13) probability-flow ODE, Appendix B
+  (VE / VP / sub-VP), Appendix E (discretizations).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+ScoreFn = Callable[[Array, Array], Array]
+
+
+def batch_mul(a: Array, x: Array) -> Array:
+  """Multiplies a per-sample scalar `a [B]` with `x [B, ...]`."""
+  a = jnp.asarray(a)
+  return a.reshape(a.shape + (1,) * (jnp.ndim(x) - a.ndim)) * x
+
+
+def _sum_except_batch(x: Array) -> Array:
+  return jnp.sum(x.reshape(x.shape[0], -1), axis=-1)
+
+
+def _discrete_index(t: Array, N: int, T: float) -> Array:
+  # Truncation, as the reference's `(t * (N - 1) / T).long()`.
+  return (t * (N - 1) / T).astype(jnp.int32)
+
+
+class SDE(abc.ABC):
+  """A forward SDE `dx = f(x, t) dt + g(t) dw` on `t in [0, T]`, with N discrete steps."""
+
+  N: int
+  T: float = 1.0
+
+  @abc.abstractmethod
+  def sde(self, x: Array, t: Array) -> tuple[Array, Array]:
+    """Returns `(drift [B, ...], diffusion [B])` of the forward SDE."""
+
+  @abc.abstractmethod
+  def marginal_prob(self, x: Array, t: Array) -> tuple[Array, Array]:
+    """Returns `(mean [B, ...], std [B])` of the perturbation kernel p_0t(x(t) | x(0)=x)."""
+
+  @abc.abstractmethod
+  def prior_sampling(self, key: Array, shape: tuple[int, ...]) -> Array:
+    """Samples the prior p_T."""
+
+  @abc.abstractmethod
+  def prior_logp(self, z: Array) -> Array:
+    """Log-density `[B]` of the prior p_T at `z [B, ...]`, in nats."""
+
+  def discretize(self, x: Array, t: Array) -> tuple[Array, Array]:
+    """One discrete step `x_{i+1} = x_i + f_i(x_i) + G_i z_i` (Euler-Maruyama by default).
+
+    Returns `(f [B, ...], G [B])`.
+    """
+    dt = 1.0 / self.N
+    drift, diffusion = self.sde(x, t)
+    return drift * dt, diffusion * jnp.sqrt(dt)
+
+  def reverse(self, score_fn: ScoreFn, probability_flow: bool = False) -> ReverseSDE:
+    """The reverse-time SDE (Eq. 6) or, with `probability_flow`, the ODE (Eq. 13)."""
+    return ReverseSDE(self, score_fn, probability_flow)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReverseSDE:
+  """The reverse-time SDE / probability-flow ODE of `forward` under `score_fn`.
+
+  `sde(x, t)` and `discretize(x, t)` return the reverse drift with the score term:
+  `f - g^2 s` (SDE) or `f - g^2 s / 2` with zero diffusion (ODE).
+  """
+
+  forward: SDE
+  score_fn: ScoreFn
+  probability_flow: bool = False
+
+  @property
+  def N(self) -> int:
+    return self.forward.N
+
+  @property
+  def T(self) -> float:
+    return self.forward.T
+
+  def _weight(self) -> float:
+    return 0.5 if self.probability_flow else 1.0
+
+  def sde(self, x: Array, t: Array) -> tuple[Array, Array]:
+    drift, diffusion = self.forward.sde(x, t)
+    score = self.score_fn(x, t)
+    drift = drift - batch_mul(diffusion**2, score) * self._weight()
+    if self.probability_flow:
+      diffusion = jnp.zeros_like(diffusion)
+    return drift, diffusion
+
+  def discretize(self, x: Array, t: Array) -> tuple[Array, Array]:
+    f, G = self.forward.discretize(x, t)
+    f = f - batch_mul(G**2, self.score_fn(x, t)) * self._weight()
+    if self.probability_flow:
+      G = jnp.zeros_like(G)
+    return f, G
+
+
+def _standard_normal_logp(z: Array, scale: float = 1.0) -> Array:
+  dim = np.prod(z.shape[1:])
+  return -dim / 2.0 * np.log(2 * np.pi * scale**2) - _sum_except_batch(z**2) / (2 * scale**2)
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class VESDE(SDE):
+  """Variance-exploding SDE: `dx = sigma(t) sqrt(2 log(sigma_max/sigma_min)) dw`,
+  `sigma(t) = sigma_min (sigma_max / sigma_min)^t` (SMLD / NCSN in the limit N -> inf)."""
+
+  sigma_min: float = 0.01
+  sigma_max: float = 50.0
+  N: int = 1000
+  T: float = 1.0
+
+  @property
+  def discrete_sigmas(self) -> np.ndarray:
+    """`[N]` geometric noise levels, ascending."""
+    return np.exp(np.linspace(np.log(self.sigma_min), np.log(self.sigma_max), self.N)).astype(
+        np.float32
+    )
+
+  def sigma(self, t: Array) -> Array:
+    return self.sigma_min * (self.sigma_max / self.sigma_min) ** t
+
+  def sde(self, x, t):
+    diffusion = self.sigma(t) * np.sqrt(2 * (np.log(self.sigma_max) - np.log(self.sigma_min)))
+    return jnp.zeros_like(x), diffusion
+
+  def marginal_prob(self, x, t):
+    return x, self.sigma(t)
+
+  def prior_sampling(self, key, shape):
+    return jax.random.normal(key, shape) * self.sigma_max
+
+  def prior_logp(self, z):
+    return _standard_normal_logp(z, self.sigma_max)
+
+  def discretize(self, x, t):
+    """SMLD discretization: `G_i = sqrt(sigma_i^2 - sigma_{i-1}^2)`, `sigma_{-1} = 0`."""
+    index = _discrete_index(t, self.N, self.T)
+    sigmas = jnp.asarray(self.discrete_sigmas)
+    sigma = sigmas[index]
+    adjacent_sigma = jnp.where(index == 0, 0.0, sigmas[jnp.maximum(index - 1, 0)])
+    return jnp.zeros_like(x), jnp.sqrt(sigma**2 - adjacent_sigma**2)
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class VPSDE(SDE):
+  """Variance-preserving SDE: `dx = -beta(t) x / 2 dt + sqrt(beta(t)) dw`,
+  `beta(t) = beta_min + t (beta_max - beta_min)` (DDPM in the limit N -> inf)."""
+
+  beta_min: float = 0.1
+  beta_max: float = 20.0
+  N: int = 1000
+  T: float = 1.0
+
+  @property
+  def discrete_betas(self) -> np.ndarray:
+    return np.linspace(self.beta_min / self.N, self.beta_max / self.N, self.N, dtype=np.float32)
+
+  @property
+  def alphas(self) -> np.ndarray:
+    return (1.0 - self.discrete_betas).astype(np.float32)
+
+  @property
+  def alphas_cumprod(self) -> np.ndarray:
+    return np.cumprod(self.alphas, dtype=np.float32)
+
+  @property
+  def sqrt_alphas_cumprod(self) -> np.ndarray:
+    return np.sqrt(self.alphas_cumprod)
+
+  @property
+  def sqrt_1m_alphas_cumprod(self) -> np.ndarray:
+    return np.sqrt(1.0 - self.alphas_cumprod)
+
+  def beta(self, t: Array) -> Array:
+    return self.beta_min + t * (self.beta_max - self.beta_min)
+
+  def log_mean_coeff(self, t: Array) -> Array:
+    """`log alpha(t) = -t^2 (beta_max - beta_min) / 4 - t beta_min / 2`."""
+    return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+
+  def sde(self, x, t):
+    beta_t = self.beta(t)
+    return -0.5 * batch_mul(beta_t, x), jnp.sqrt(beta_t)
+
+  def marginal_prob(self, x, t):
+    log_mean_coeff = self.log_mean_coeff(t)
+    # -expm1 keeps std accurate for small t, where 1 - exp(.) cancels in float32.
+    std = jnp.sqrt(-jnp.expm1(2.0 * log_mean_coeff))
+    return batch_mul(jnp.exp(log_mean_coeff), x), std
+
+  def prior_sampling(self, key, shape):
+    return jax.random.normal(key, shape)
+
+  def prior_logp(self, z):
+    return _standard_normal_logp(z)
+
+  def discretize(self, x, t):
+    """DDPM discretization: `x_{i+1} = sqrt(1 - beta_i) x_i + sqrt(beta_i) z`."""
+    index = _discrete_index(t, self.N, self.T)
+    beta = jnp.asarray(self.discrete_betas)[index]
+    alpha = jnp.asarray(self.alphas)[index]
+    return batch_mul(jnp.sqrt(alpha), x) - x, jnp.sqrt(beta)
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class SubVPSDE(SDE):
+  """Sub-VP SDE: `dx = -beta(t) x / 2 dt + sqrt(beta(t) (1 - exp(-2 int_0^t beta))) dw`.
+
+  Its marginal variance is bounded by the VP one; `marginal_prob` returns the std
+  `1 - exp(2 log alpha(t))`. Uses the Euler-Maruyama `discretize`.
+  """
+
+  beta_min: float = 0.1
+  beta_max: float = 20.0
+  N: int = 1000
+  T: float = 1.0
+
+  def beta(self, t: Array) -> Array:
+    return self.beta_min + t * (self.beta_max - self.beta_min)
+
+  def log_mean_coeff(self, t: Array) -> Array:
+    return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+
+  def sde(self, x, t):
+    beta_t = self.beta(t)
+    discount = -jnp.expm1(-2 * self.beta_min * t - (self.beta_max - self.beta_min) * t**2)
+    return -0.5 * batch_mul(beta_t, x), jnp.sqrt(beta_t * discount)
+
+  def marginal_prob(self, x, t):
+    log_mean_coeff = self.log_mean_coeff(t)
+    return batch_mul(jnp.exp(log_mean_coeff), x), -jnp.expm1(2.0 * log_mean_coeff)
+
+  def prior_sampling(self, key, shape):
+    return jax.random.normal(key, shape)
+
+  def prior_logp(self, z):
+    return _standard_normal_logp(z)
+
+
+SDES: dict[str, type[SDE]] = {'vesde': VESDE, 'vpsde': VPSDE, 'subvpsde': SubVPSDE}
+
+
+def make_sde(
+    name: str,
+    *,
+    sigma_min: float = 0.01,
+    sigma_max: float = 50.0,
+    beta_min: float = 0.1,
+    beta_max: float = 20.0,
+    num_scales: int = 1000,
+) -> SDE:
+  """Builds an SDE by name (`'vesde' | 'vpsde' | 'subvpsde'`, case-insensitive).
+
+  Raises:
+    ValueError: for an unknown name, listing the valid ones.
+  """
+  key = name.lower()
+  if key not in SDES:
+    raise ValueError(f'unknown sde {name!r}; valid choices: {sorted(SDES)}')
+  if key == 'vesde':
+    return VESDE(sigma_min=sigma_min, sigma_max=sigma_max, N=num_scales)
+  return SDES[key](beta_min=beta_min, beta_max=beta_max, N=num_scales)
