@@ -1,0 +1,88 @@
+"""Building blocks shared by the score networks: time embeddings, activations, init.
+
+Everything here is NHWC / `[B, D]` and float32-exact with the reference layers of
+score_sde (`layers.py`, `layerspp.py`): same formulas, same order of operations.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    'swish': nn.swish,
+    'silu': nn.swish,
+    'elu': nn.elu,
+    'relu': nn.relu,
+    'lrelu': lambda x: nn.leaky_relu(x, negative_slope=0.2),
+}
+
+
+def get_activation(name: str) -> Callable[[Array], Array]:
+  """Activation by the reference's `config.model.nonlinearity` name.
+
+  Raises:
+    ValueError: for an unknown name, listing the valid ones.
+  """
+  key = name.lower()
+  if key not in ACTIVATIONS:
+    raise ValueError(f'unknown nonlinearity {name!r}; valid choices: {sorted(ACTIVATIONS)}')
+  return ACTIVATIONS[key]
+
+
+def default_init(scale: float = 1.0) -> nn.initializers.Initializer:
+  """DDPM's initializer: variance scaling, fan-avg, uniform; `scale=0` gives zeros."""
+  scale = 1e-10 if scale == 0 else scale
+  return nn.initializers.variance_scaling(scale, 'fan_avg', 'uniform')
+
+
+def positional_frequencies(embedding_dim: int, max_positions: int = 10000) -> np.ndarray:
+  """`[embedding_dim // 2]` frequencies `exp(-k log(max_positions) / (half - 1))`, float32.
+
+  Computed once in numpy, in float32 and in the reference's order of operations.
+  """
+  half_dim = embedding_dim // 2
+  step = np.float32(math.log(max_positions) / (half_dim - 1))
+  return np.exp(np.arange(half_dim, dtype=np.float32) * -step)
+
+
+def positional_embedding(timesteps: Array, embedding_dim: int, max_positions: int = 10000) -> Array:
+  """Sinusoidal embedding `[sin(t f), cos(t f)]` of `timesteps [B]` -> `[B, embedding_dim]`.
+
+  References:
+    Vaswani et al. 2017, Sec. 3.5; Ho et al. 2020, Appendix B.
+  """
+  frequencies = jnp.asarray(positional_frequencies(embedding_dim, max_positions))
+  args = timesteps.astype(jnp.float32)[:, None] * frequencies[None, :]
+  emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=1)
+  if embedding_dim % 2 == 1:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+class GaussianFourierProjection(nn.Module):
+  """Random Fourier features `[sin 2 pi s W, cos 2 pi s W]` of a scalar `s [B]`.
+
+  `W ~ scale * N(0, 1)` is a parameter (so checkpoints carry it) that is never trained:
+  the gradient is stopped, as in the reference where it has `requires_grad=False`.
+
+  References:
+    Tancik et al. 2020, "Fourier Features Let Networks Learn High Frequency Functions".
+  """
+
+  embedding_size: int = 256
+  scale: float = 1.0
+
+  @nn.compact
+  def __call__(self, s: Array) -> Array:
+    W = self.param('W', nn.initializers.normal(stddev=self.scale), (self.embedding_size,))
+    W = jax.lax.stop_gradient(W)
+    projection = s[:, None] * W[None, :] * (2 * np.pi)
+    return jnp.concatenate([jnp.sin(projection), jnp.cos(projection)], axis=-1)
