@@ -1,0 +1,425 @@
+"""Score-matching objectives: explicit, implicit, sliced, denoising, and the SDE losses.
+
+Every loss comes as a deterministic per-example core, `*_losses(...) -> [B]`, that takes
+its random draws (noise `z`, times `t`, labels, projections `v`) as arguments, and a thin
+keyed wrapper, `name(key, ...) -> (loss, metrics)`, that draws them and averages over the
+batch. The cores make the losses testable against the reference with injected noise.
+
+Score functions come in two shapes: `score_fn(x [B, ...]) -> [B, ...]` for the
+noise-free objectives (explicit / implicit / sliced / denoising at one level; close over
+`t` for a time-conditional network), and `score_fn(x, t [B])` for `sde_loss`. The
+Jacobian-based objectives take the Jacobian of the *batched* function, so `score_fn` must
+treat examples independently (no batch statistics).
+
+References:
+  Hyvarinen 2005, "Estimation of Non-Normalized Statistical Models by Score Matching",
+  JMLR, Theorem 1 (implicit score matching).
+  Vincent 2011, "A Connection Between Score Matching and Denoising Autoencoders", Neural
+  Computation, Eq. (11) (denoising score matching).
+  Song, Garg, Shi & Ermon 2019, "Sliced Score Matching", UAI, Eq. (7) (SSM) and Eq. (8)
+  (SSM-VR).
+  Song et al. 2021, "Score-Based Generative Modeling through Stochastic Differential
+  Equations", ICLR, Eq. (7) (continuous loss) and its likelihood weighting
+  `lambda(t) = g(t)^2` (Song, Durkan, Murray & Ermon 2021, Eq. (9)); score_sde's
+  `get_smld_loss_fn` / `get_ddpm_loss_fn` (discrete SMLD and DDPM losses).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from scorejax import sde as sde_lib
+from scorejax.models import make_score_fn
+
+Array = jax.Array
+PRNGKey = jax.Array
+Params = Any
+ScoreFn = Callable[[Array, Array], Array]
+DataScoreFn = Callable[[Array], Array]
+ModelFn = Callable[[Array, Array], Array]
+Metrics = dict[str, Array]
+LossFn = Callable[[Params, PRNGKey, Array], tuple[Array, Metrics]]
+
+
+def _flat(x: Array) -> Array:
+  return x.reshape(x.shape[0], -1)
+
+
+def _reduce(elementwise: Array, reduce_mean: bool) -> Array:
+  """`[B, ...] -> [B]`: mean over dims, or (score_sde's `reduce_mean=False`) half the sum."""
+  flat = _flat(elementwise)
+  return jnp.mean(flat, axis=-1) if reduce_mean else 0.5 * jnp.sum(flat, axis=-1)
+
+
+def _summarize(losses: Array) -> tuple[Array, Metrics]:
+  """Batch mean of per-example losses `[B]`, with their spread as metrics."""
+  loss = jnp.mean(losses)
+  return loss, {'loss': loss, 'loss_std': jnp.std(losses), 'loss_max': jnp.max(losses)}
+
+
+# -- projections and Jacobian traces ----------------------------------------------------------
+
+
+def _gaussian_projections(key: PRNGKey, shape: tuple[int, ...]) -> Array:
+  return jax.random.normal(key, shape)
+
+
+def _rademacher_projections(key: PRNGKey, shape: tuple[int, ...]) -> Array:
+  return jax.random.rademacher(key, shape, dtype=jnp.float32)
+
+
+PROJECTIONS: dict[str, Callable[[PRNGKey, tuple[int, ...]], Array]] = {
+    'gaussian': _gaussian_projections,
+    'rademacher': _rademacher_projections,
+}
+
+
+def sample_projections(key: PRNGKey, shape: tuple[int, ...], kind: str = 'gaussian') -> Array:
+  """Random projections `v` with `E[v v^T] = I` (`'gaussian'` or `'rademacher'`).
+
+  Raises:
+    ValueError: for an unknown `kind`, listing the valid ones.
+  """
+  if kind not in PROJECTIONS:
+    raise ValueError(f'unknown projection {kind!r}; valid choices: {sorted(PROJECTIONS)}')
+  return PROJECTIONS[kind](key, shape)
+
+
+def hutchinson_trace(fn: DataScoreFn, x: Array, v: Array) -> tuple[Array, Array]:
+  """Hutchinson estimates `v^T (d fn / d x) v` of the per-example Jacobian trace.
+
+  One Jacobian-vector product per projection; the Jacobian is never formed. Unbiased
+  when `E[v v^T] = I`.
+
+  Args:
+    fn: batched `fn(x [B, ...]) -> [B, ...]` acting on each example independently.
+    x: `[B, ...]` points.
+    v: `[M, B, ...]` projections.
+
+  Returns:
+    `(fn(x) [B, ...], estimates [M, B])`.
+  """
+  out, jvp_fn = jax.linearize(fn, x)
+  jv = jax.vmap(jvp_fn)(v)
+  return out, jnp.sum((v * jv).reshape(v.shape[0], x.shape[0], -1), axis=-1)
+
+
+def exact_jacobian_trace(fn: DataScoreFn, x: Array) -> tuple[Array, Array]:
+  """Exact per-example trace of `d fn / d x` with one JVP per dimension (low dimension).
+
+  Args:
+    fn: batched `fn(x [B, ...]) -> [B, ...]` acting on each example independently.
+    x: `[B, ...]` points with `D = prod(x.shape[1:])` small.
+
+  Returns:
+    `(fn(x) [B, ...], trace [B])`.
+  """
+  dim = math.prod(x.shape[1:])
+  basis = jnp.eye(dim, dtype=x.dtype).reshape((dim, 1) + x.shape[1:])
+  out, jvp_fn = jax.linearize(fn, x)
+  columns = jax.vmap(lambda e: jvp_fn(jnp.broadcast_to(e, x.shape)))(basis)  # [D, B, ...]
+  columns = columns.reshape(dim, x.shape[0], dim)
+  return out, jnp.trace(columns, axis1=0, axis2=2)
+
+
+# -- objectives on data (no time) --------------------------------------------------------------
+
+
+def explicit_score_matching_losses(
+    score_fn: DataScoreFn, target_score_fn: DataScoreFn, x: Array
+) -> Array:
+  """Per-example `||s(x) - grad log p(x)||^2 / 2` `[B]`, for a known target score."""
+  return 0.5 * jnp.sum(_flat(score_fn(x) - target_score_fn(x)) ** 2, axis=-1)
+
+
+def explicit_score_matching(
+    score_fn: DataScoreFn, target_score_fn: DataScoreFn, x: Array
+) -> tuple[Array, Metrics]:
+  """Explicit score matching (Fisher divergence / 2) on a batch `x [B, ...]`.
+
+  Returns:
+    `(loss, metrics)`: the batch mean of `explicit_score_matching_losses`.
+  """
+  return _summarize(explicit_score_matching_losses(score_fn, target_score_fn, x))
+
+
+def implicit_score_matching_losses(score_fn: DataScoreFn, x: Array) -> Array:
+  """Per-example `||s(x)||^2 / 2 + tr(grad_x s(x))` `[B]`, with the exact trace.
+
+  References:
+    Hyvarinen 2005, Theorem 1: equals explicit score matching up to a constant.
+  """
+  score, trace = exact_jacobian_trace(score_fn, x)
+  return 0.5 * jnp.sum(_flat(score) ** 2, axis=-1) + trace
+
+
+def implicit_score_matching(score_fn: DataScoreFn, x: Array) -> tuple[Array, Metrics]:
+  """Implicit score matching on a batch `x [B, D]` (exact trace: low dimension only)."""
+  return _summarize(implicit_score_matching_losses(score_fn, x))
+
+
+def sliced_score_matching_losses(
+    score_fn: DataScoreFn, x: Array, v: Array, *, variance_reduction: bool = False
+) -> Array:
+  """Per-example sliced score matching `[B]`, averaged over the projections `v`.
+
+  SSM: `v^T grad_x s v + (v^T s)^2 / 2`; SSM-VR: `v^T grad_x s v + ||s||^2 / 2`.
+
+  Args:
+    score_fn: batched `score_fn(x [B, ...]) -> [B, ...]`.
+    x: `[B, ...]` data.
+    v: `[M, B, ...]` projections with `E[v v^T] = I`.
+    variance_reduction: use the SSM-VR form.
+
+  Returns:
+    `[B]` losses.
+
+  References:
+    Song et al. 2019, "Sliced Score Matching", Eq. (7) and (8).
+  """
+  score, quadratic = hutchinson_trace(score_fn, x, v)
+  if variance_reduction:
+    second = 0.5 * jnp.sum(_flat(score) ** 2, axis=-1)[None]
+  else:
+    second = 0.5 * jnp.sum((v * score[None]).reshape(quadratic.shape + (-1,)), axis=-1) ** 2
+  return jnp.mean(quadratic + second, axis=0)
+
+
+def sliced_score_matching(
+    key: PRNGKey,
+    score_fn: DataScoreFn,
+    x: Array,
+    *,
+    n_projections: int = 1,
+    projection: str = 'gaussian',
+    variance_reduction: bool = False,
+) -> tuple[Array, Metrics]:
+  """Sliced score matching with `n_projections` random projections per example.
+
+  Args:
+    key: PRNG key for the projections.
+    score_fn: batched `score_fn(x [B, ...]) -> [B, ...]`.
+    x: `[B, ...]` data.
+    n_projections: projections per example.
+    projection: `'gaussian'` or `'rademacher'`.
+    variance_reduction: use SSM-VR.
+
+  Returns:
+    `(loss, metrics)`.
+
+  Raises:
+    ValueError: for an unknown `projection`.
+  """
+  v = sample_projections(key, (n_projections,) + x.shape, projection)
+  return _summarize(
+      sliced_score_matching_losses(score_fn, x, v, variance_reduction=variance_reduction))
+
+
+def denoising_score_matching_losses(
+    score_fn: DataScoreFn, x: Array, z: Array, sigma: float | Array
+) -> Array:
+  """Per-example `||s(x + sigma z) + z / sigma||^2 / 2` `[B]` (noise `z [B, ...]` given).
+
+  References:
+    Vincent 2011, Eq. (11): the target `-(x_tilde - x) / sigma^2 = -z / sigma`.
+  """
+  return 0.5 * jnp.sum(_flat(score_fn(x + sigma * z) + z / sigma) ** 2, axis=-1)
+
+
+def denoising_score_matching(
+    key: PRNGKey, score_fn: DataScoreFn, x: Array, sigma: float | Array
+) -> tuple[Array, Metrics]:
+  """Denoising score matching at one noise level `sigma` on a batch `x [B, ...]`.
+
+  Its minimiser is the score of the perturbed data `p_sigma = p * N(0, sigma^2 I)`.
+  """
+  z = jax.random.normal(key, x.shape, x.dtype)
+  return _summarize(denoising_score_matching_losses(score_fn, x, z, sigma))
+
+
+# -- the SDE losses of score_sde ---------------------------------------------------------------
+
+
+def sde_losses(
+    score_fn: ScoreFn,
+    sde: sde_lib.SDE,
+    x0: Array,
+    t: Array,
+    z: Array,
+    *,
+    reduce_mean: bool = False,
+    likelihood_weighting: bool = False,
+) -> Array:
+  """Per-example continuous denoising loss `[B]` at given times `t [B]` and noise `z`.
+
+  `x_t = mean(t) + std(t) z`; unweighted: `||std s(x_t, t) + z||^2` (i.e.
+  `lambda(t) = std^2`); likelihood-weighted: `g(t)^2 ||s(x_t, t) + z / std||^2`.
+  Reduced over dimensions by the mean, or by half the sum (`reduce_mean=False`).
+
+  References:
+    Song et al. 2021, Eq. (7); score_sde `losses.get_sde_loss_fn`.
+  """
+  mean, std = sde.marginal_prob(x0, t)
+  xt = mean + sde_lib.batch_mul(std, z)
+  score = score_fn(xt, t)
+  if likelihood_weighting:
+    g2 = sde.sde(jnp.zeros_like(x0), t)[1] ** 2
+    return _reduce((score + sde_lib.batch_mul(1.0 / std, z)) ** 2, reduce_mean) * g2
+  return _reduce((sde_lib.batch_mul(std, score) + z) ** 2, reduce_mean)
+
+
+def sde_loss(
+    key: PRNGKey,
+    score_fn: ScoreFn,
+    sde: sde_lib.SDE,
+    batch: Array,
+    *,
+    reduce_mean: bool = False,
+    likelihood_weighting: bool = False,
+    eps: float = 1e-5,
+) -> tuple[Array, Metrics]:
+  """score_sde's continuous training loss with `t ~ U[eps, T]` and `z ~ N(0, I)`.
+
+  Args:
+    key: PRNG key.
+    score_fn: `score_fn(x [B, ...], t [B]) -> [B, ...]`.
+    sde: the forward SDE.
+    batch: `[B, ...]` data.
+    reduce_mean: average over dimensions instead of half-summing.
+    likelihood_weighting: weight by `g(t)^2` (maximum-likelihood training).
+    eps: smallest time, for numerical stability.
+
+  Returns:
+    `(loss, metrics)`.
+  """
+  key_t, key_z = jax.random.split(key)
+  t = jax.random.uniform(key_t, (batch.shape[0],), minval=eps, maxval=sde.T)
+  z = jax.random.normal(key_z, batch.shape, batch.dtype)
+  return _summarize(sde_losses(score_fn, sde, batch, t, z, reduce_mean=reduce_mean,
+                               likelihood_weighting=likelihood_weighting))
+
+
+def smld_losses(
+    model_fn: ModelFn, sde: sde_lib.VESDE, x0: Array, labels: Array, z: Array, *,
+    reduce_mean: bool = False
+) -> Array:
+  """Per-example SMLD loss `[B]`: `sigma^2 ||model(x0 + sigma z, i) + z / sigma||^2`.
+
+  `labels [B]` are integer indices into the *descending* table of noise levels, the
+  network output is the score.
+
+  References:
+    score_sde `losses.get_smld_loss_fn`; Song & Ermon 2019 (NCSN), Eq. (2).
+  """
+  sigmas = jnp.asarray(sde.discrete_sigmas[::-1].copy())[labels]
+  noise = sde_lib.batch_mul(sigmas, z)
+  score = model_fn(x0 + noise, labels)
+  target = -sde_lib.batch_mul(1.0 / sigmas**2, noise)
+  return _reduce((score - target) ** 2, reduce_mean) * sigmas**2
+
+
+def smld_loss(
+    key: PRNGKey, model_fn: ModelFn, sde: sde_lib.VESDE, batch: Array, *,
+    reduce_mean: bool = False
+) -> tuple[Array, Metrics]:
+  """SMLD (NCSN) loss with uniformly drawn noise-level indices; returns `(loss, metrics)`."""
+  key_labels, key_z = jax.random.split(key)
+  labels = jax.random.randint(key_labels, (batch.shape[0],), 0, sde.N)
+  z = jax.random.normal(key_z, batch.shape, batch.dtype)
+  return _summarize(smld_losses(model_fn, sde, batch, labels, z, reduce_mean=reduce_mean))
+
+
+def ddpm_losses(
+    model_fn: ModelFn, sde: sde_lib.VPSDE, x0: Array, labels: Array, z: Array, *,
+    reduce_mean: bool = False
+) -> Array:
+  """Per-example DDPM loss `[B]`: `||model(sqrt(a_i) x0 + sqrt(1 - a_i) z, i) - z||^2`.
+
+  `labels [B]` are integer steps; the network predicts the noise `z`.
+
+  References:
+    Ho et al. 2020, Eq. (14); score_sde `losses.get_ddpm_loss_fn`.
+  """
+  sqrt_alphas_cumprod = jnp.asarray(sde.sqrt_alphas_cumprod)[labels]
+  sqrt_1m_alphas_cumprod = jnp.asarray(sde.sqrt_1m_alphas_cumprod)[labels]
+  xt = sde_lib.batch_mul(sqrt_alphas_cumprod, x0) + sde_lib.batch_mul(sqrt_1m_alphas_cumprod, z)
+  return _reduce((model_fn(xt, labels) - z) ** 2, reduce_mean)
+
+
+def ddpm_loss(
+    key: PRNGKey, model_fn: ModelFn, sde: sde_lib.VPSDE, batch: Array, *,
+    reduce_mean: bool = False
+) -> tuple[Array, Metrics]:
+  """DDPM loss with uniformly drawn integer steps; returns `(loss, metrics)`."""
+  key_labels, key_z = jax.random.split(key)
+  labels = jax.random.randint(key_labels, (batch.shape[0],), 0, sde.N)
+  z = jax.random.normal(key_z, batch.shape, batch.dtype)
+  return _summarize(ddpm_losses(model_fn, sde, batch, labels, z, reduce_mean=reduce_mean))
+
+
+# -- the factory the training driver calls ----------------------------------------------------
+
+
+def make_loss_fn(
+    sde: sde_lib.SDE,
+    model: Any,
+    *,
+    train: bool,
+    reduce_mean: bool = False,
+    continuous: bool = True,
+    likelihood_weighting: bool = False,
+    eps: float = 1e-5,
+) -> LossFn:
+  """Builds `loss_fn(params, key, batch) -> (loss, metrics)` as score_sde's `get_step_fn`.
+
+  Continuous training uses `sde_loss` on the score of `models.make_score_fn`; discrete
+  training uses `smld_loss` for a `VESDE` and `ddpm_loss` for a `VPSDE`.
+
+  Args:
+    sde: the forward SDE.
+    model: a Flax module called as `model.apply({'params': params}, x, labels, train=...)`.
+    train: training mode: dropout on, with `rngs={'dropout': key}`.
+    reduce_mean: average over dimensions instead of half-summing.
+    continuous: continuous-time training (`training.continuous`).
+    likelihood_weighting: `g(t)^2` weighting (continuous only).
+    eps: smallest training time (continuous only).
+
+  Returns:
+    `loss_fn(params, key, batch [B, ...] or {'image': [B, ...]}) -> (loss, metrics)`.
+
+  Raises:
+    ValueError: for discrete training with an SDE other than VESDE / VPSDE, or
+      likelihood weighting with discrete training.
+  """
+  if not continuous:
+    if likelihood_weighting:
+      raise ValueError('training.likelihood_weighting requires training.continuous=True')
+    if not isinstance(sde, sde_lib.VESDE | sde_lib.VPSDE):
+      raise ValueError(
+          f'discrete training (training.continuous=False) is not supported for '
+          f'training.sde={type(sde).__name__}; valid choices: [VESDE (smld), VPSDE (ddpm)] '
+          'or training.continuous=True')
+
+  def loss_fn(params: Params, key: PRNGKey, batch: Array | Mapping[str, Array]):
+    if isinstance(batch, Mapping):
+      batch = batch['image']
+    key_loss, key_dropout = jax.random.split(key)
+
+    def model_fn(x: Array, labels: Array) -> Array:
+      return model.apply({'params': params}, x, labels, train=train,
+                         rngs={'dropout': key_dropout} if train else None)
+
+    if continuous:
+      return sde_loss(key_loss, make_score_fn(model_fn, sde, continuous=True), sde, batch,
+                      reduce_mean=reduce_mean, likelihood_weighting=likelihood_weighting,
+                      eps=eps)
+    if isinstance(sde, sde_lib.VESDE):
+      return smld_loss(key_loss, model_fn, sde, batch, reduce_mean=reduce_mean)
+    return ddpm_loss(key_loss, model_fn, sde, batch, reduce_mean=reduce_mean)
+
+  return loss_fn
