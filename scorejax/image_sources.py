@@ -229,6 +229,10 @@ def image_folder_source(data_dir: str | None, split: str,
         'image-folder datasets need data.data_dir: a folder of PNG/JPEG files, with '
         "optional 'train' / 'test' sub-folders.")
   root = pathlib.Path(data_dir)
+  if not root.is_dir():
+    raise DatasetNotPreparedError(f'image folder {root} (data.data_dir) does not exist; put the '
+                                  "PNG/JPEG files there, with optional 'train' / 'test' "
+                                  'sub-folders.')
   folder = root / split
   if not folder.is_dir():
     if split != 'train':

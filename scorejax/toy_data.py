@@ -43,6 +43,7 @@ def as_generator(seed: Seed) -> np.random.Generator:
   return np.random.default_rng(np.asarray(key, dtype=np.uint32).ravel().tolist())
 
 
+@jax.jit
 def _isotropic_mixture_log_prob(x: Array, means: Array, std: Array, log_weights: Array) -> Array:
   """`log sum_k w_k N(x; mu_k, std_k^2 I)` for `x [n, 2]`, `means [K, 2]`, `std [K]`."""
   x = jnp.asarray(x, jnp.float32)
@@ -157,10 +158,14 @@ class _NoisyCurve(ToyDistribution):
     nodes = jnp.asarray(self.curves(u).reshape(-1, 2), jnp.float32)
     std = jnp.full((nodes.shape[0],), self.std, jnp.float32)
     log_weights = jnp.full((nodes.shape[0],), -math.log(nodes.shape[0]), jnp.float32)
-    x = jnp.asarray(x, jnp.float32)
-    chunks = [_isotropic_mixture_log_prob(x[i:i + _CHUNK], nodes, std, log_weights)
-              for i in range(0, x.shape[0], _CHUNK)]
-    return jnp.concatenate(chunks) if chunks else jnp.zeros((0,), jnp.float32)
+    x = np.asarray(x, np.float32)
+    n = x.shape[0]
+    # Fixed-size chunks (the last one zero-padded) bound memory and compile only once.
+    padded = np.zeros((-(-n // _CHUNK) * _CHUNK, 2), np.float32)
+    padded[:n] = x
+    chunks = [_isotropic_mixture_log_prob(padded[i:i + _CHUNK], nodes, std, log_weights)
+              for i in range(0, len(padded), _CHUNK)]
+    return jnp.concatenate(chunks)[:n] if chunks else jnp.zeros((0,), jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
