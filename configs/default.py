@@ -1,0 +1,137 @@
+"""The offline default: a small score model of the embedded 8x8 digits, on a laptop CPU.
+
+Every config field of scorejax is defined here, once, with a comment; experiment files
+(`configs/*.py`) start from `get_default_configs()` and override only what differs.
+Field names follow score_sde's (`training.batch_size`, `model.num_scales`, ...), so its
+command-line overrides carry over; fields new in scorejax sit beside them.
+
+This file is itself a runnable config (scikit-learn's `load_digits`, no download):
+
+  python main.py --workdir=runs/digits            # same as --config=configs/default.py
+  python main.py --workdir=runs/digits --mode=sample
+  python main.py --workdir=runs/digits --mode=eval
+
+It trains a VP-SDE DDPM++-style U-Net (continuous time) on 8x8 digits for 6000 steps,
+about 10 minutes on 2 CPU cores, writing sample grids, a loss curve and bits/dim.
+"""
+
+import ml_collections
+
+
+def get_default_configs() -> ml_collections.ConfigDict:
+  """All fields with their defaults (the digits run); experiments override a few."""
+  config = ml_collections.ConfigDict()
+  config.seed = 42  # seeds parameters, data order, per-step noise and samples
+
+  # Training (score_sde names).
+  config.training = training = ml_collections.ConfigDict()
+  training.sde = 'vpsde'  # 'vesde' | 'vpsde' | 'subvpsde'
+  training.continuous = True  # continuous-time DSM (False: SMLD / DDPM discrete losses)
+  training.reduce_mean = True  # mean over pixels instead of sum in the per-example loss
+  training.likelihood_weighting = False  # weight by g(t)^2 (Song et al. 2021b, NLL training)
+  training.eps = 1e-5  # smallest training time t ~ U[eps, T]
+  training.batch_size = 128  # global batch size (all devices / hosts)
+  training.n_iters = 6000  # total optimizer steps
+  training.n_jitted_steps = 1  # steps fused into one compiled call (lax.scan)
+  training.log_freq = 50  # steps between metric logs (a multiple of n_jitted_steps)
+  training.eval_freq = 500  # steps between losses on a test batch
+  training.snapshot_freq = 1000  # steps between kept checkpoints (and sample grids)
+  training.snapshot_freq_for_preemption = 200  # steps between preemption checkpoints
+  training.snapshot_sampling = True  # draw a sample grid at every snapshot
+  training.max_to_keep = 0  # kept periodic checkpoints; 0 keeps all
+
+  # Sampling (score_sde names; used by snapshots and --mode=sample).
+  config.sampling = sampling = ml_collections.ConfigDict()
+  sampling.method = 'pc'  # 'pc' (predictor-corrector) | 'ode' (probability flow)
+  sampling.predictor = 'euler_maruyama'  # see scorejax.sampling.PREDICTORS
+  sampling.corrector = 'none'  # see scorejax.sampling.CORRECTORS
+  sampling.snr = 0.16  # Langevin corrector signal-to-noise ratio
+  sampling.n_steps_each = 1  # corrector steps per noise level
+  sampling.noise_removal = True  # return the noise-free mean of the last step
+  sampling.probability_flow = False  # PC predictor follows the probability-flow ODE
+  sampling.num_steps = 0  # time steps of the PC / fixed-step ODE grid; 0 = model.num_scales
+  sampling.eps = 1e-3  # final time of the reverse process
+  sampling.ode_method = 'tsit5'  # see scorejax.sampling.ODE_METHODS
+  sampling.rtol = 1e-5  # ODE relative tolerance
+  sampling.atol = 1e-5  # ODE absolute tolerance
+  sampling.batch_size = 64  # samples drawn per compiled call
+  sampling.num_samples = 64  # samples written by --mode=sample (and per snapshot)
+  sampling.checkpoint = ''  # sample/eval from this path ('' = the workdir's checkpoints)
+  sampling.checkpoint_step = 0  # sample/eval this step (0 = the newest)
+  sampling.use_ema = True  # sample with the EMA parameters
+
+  # Evaluation (score_sde names; --mode=eval).
+  config.eval = evaluate = ml_collections.ConfigDict()
+  evaluate.batch_size = 128  # test-split batch size for the loss and bits/dim
+  evaluate.enable_loss = True  # the training loss on the test split
+  evaluate.enable_bpd = True  # bits/dim through the probability-flow ODE likelihood
+  evaluate.enable_sampling = False  # sample-quality metrics (FID / KID / IS, when available)
+  evaluate.num_samples = 1000  # samples for the sample-quality metrics
+  evaluate.bpd_dataset = 'test'  # split for bits/dim
+  evaluate.bpd_num_batches = 2  # test batches for bits/dim (0 = the whole split)
+  evaluate.bpd_num_repeats = 1  # repeats with fresh dequantization / Hutchinson noise
+  evaluate.loss_num_batches = 0  # test batches for the loss (0 = the whole split)
+  evaluate.rtol = 1e-5  # likelihood ODE relative tolerance
+  evaluate.atol = 1e-5  # likelihood ODE absolute tolerance
+  evaluate.watch = False  # keep evaluating each new checkpoint until training ends
+  evaluate.watch_timeout = 600  # seconds to wait for a new checkpoint when watching
+
+  # Data (score_sde names).
+  config.data = data = ml_collections.ConfigDict()
+  data.dataset = 'digits'  # scorejax.datasets.DATASETS: digits, 2-D toys, cifar10, ...
+  data.image_size = 8  # image side (ignored by 2-D toys)
+  data.num_channels = 1  # image channels; for 2-D toys the data dimension
+  data.centered = True  # data in [-1, 1] instead of [0, 1]
+  data.random_flip = False  # horizontal flips (not for digits)
+  data.uniform_dequantization = False  # add U[0, 1) noise to pixel levels
+  data.data_dir = ''  # tfds data_dir or image folder ('' = tfds default)
+
+  # Model (score_sde names; read by scorejax.models.make_model).
+  config.model = model = ml_collections.ConfigDict()
+  model.name = 'ddpm'  # scorejax.models.MODELS: 'mlp', 'ddpm', 'ncsnpp', ...
+  model.ema_rate = 0.999  # decay of the parameter EMA
+  model.num_scales = 1000  # N: discrete noise levels / sampling steps
+  model.sigma_min = 0.01  # VE smallest noise
+  model.sigma_max = 50.0  # VE largest noise
+  model.beta_min = 0.1  # VP / sub-VP beta(0)
+  model.beta_max = 20.0  # VP / sub-VP beta(1)
+  model.dropout = 0.0  # dropout rate in the residual blocks
+  model.scale_by_sigma = False  # divide the output by sigma (VE)
+  model.normalization = 'GroupNorm'
+  model.nonlinearity = 'swish'
+  model.nf = 32  # base channel count
+  model.ch_mult = (1, 2)  # channel multiplier per resolution
+  model.num_res_blocks = 2  # residual blocks per resolution
+  model.attn_resolutions = (4,)  # resolutions with self-attention
+  model.resamp_with_conv = True
+  model.conditional = True  # condition on the noise level
+  model.fir = False
+  model.fir_kernel = (1, 3, 3, 1)
+  model.skip_rescale = True
+  model.resblock_type = 'biggan'  # NCSN++: 'biggan' | 'ddpm'
+  model.progressive = 'none'
+  model.progressive_input = 'none'
+  model.progressive_combine = 'sum'
+  model.attention_type = 'ddpm'
+  model.init_scale = 0.0
+  model.embedding_type = 'positional'  # 'positional' (VP) | 'fourier' (VE)
+  model.fourier_scale = 16.0
+  model.conv_size = 3
+  model.hidden = 128  # MLP width ('mlp' only)
+  model.num_layers = 3  # MLP residual blocks ('mlp' only)
+  model.embedding_dim = 64  # MLP time-embedding width ('mlp' only)
+
+  # Optimization (score_sde names).
+  config.optim = optim = ml_collections.ConfigDict()
+  optim.optimizer = 'Adam'  # 'Adam' | 'AdamW'
+  optim.lr = 2e-3  # peak learning rate
+  optim.beta1 = 0.9
+  optim.eps = 1e-8
+  optim.warmup = 200  # linear warm-up steps
+  optim.grad_clip = 1.0  # global-norm clipping (negative: off)
+  optim.weight_decay = 0.0  # AdamW only
+  return config
+
+
+def get_config() -> ml_collections.ConfigDict:
+  return get_default_configs()

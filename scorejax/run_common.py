@@ -1,0 +1,182 @@
+"""What the train / eval / sample drivers share: config -> typed objects, host transfers.
+
+This is driver code: it reads the ConfigDict and builds the SDE, the network and its
+parameters, the loss, the datasets and the sampler as plain typed objects, which the
+library modules then use without ever seeing the config.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from scorejax import datasets, sampling
+from scorejax import sde as sde_lib
+from scorejax.models import make_model, make_score_fn
+from scorejax.train import LossFn
+
+Params = Any
+ConfigDict = ml_collections.ConfigDict
+
+
+def make_sde(config: ConfigDict) -> sde_lib.SDE:
+  """The forward SDE named by `training.sde` with the `model.*` noise settings."""
+  return sde_lib.make_sde(
+      config.training.sde,
+      sigma_min=config.model.sigma_min,
+      sigma_max=config.model.sigma_max,
+      beta_min=config.model.beta_min,
+      beta_max=config.model.beta_max,
+      num_scales=config.model.num_scales,
+  )
+
+
+def is_toy(config: ConfigDict) -> bool:
+  """Whether `data.dataset` is a 2-D toy (`[B, D]` data instead of images)."""
+  return datasets.DATASETS.get(config.data.dataset.lower()) == 'toy'
+
+
+def make_data(
+    config: ConfigDict, split: str, batch_size: int, *, num_epochs: int | None = None,
+    shuffle: bool = True, seed: int | None = None,
+) -> datasets.Dataset:
+  """The per-host input pipeline of `split` with the config's data settings."""
+  return datasets.make_dataset(
+      config.data.dataset,
+      split=split,
+      batch_size=batch_size,
+      image_size=config.data.image_size,
+      centered=config.data.centered,
+      random_flip=config.data.random_flip if split == 'train' else False,
+      uniform_dequantization=config.data.uniform_dequantization,
+      seed=config.seed if seed is None else seed,
+      data_dir=config.data.data_dir or None,
+      num_epochs=num_epochs,
+      shuffle=shuffle,
+      num_channels=None if is_toy(config) else config.data.num_channels,
+  )
+
+
+def init_model(config: ConfigDict, key: jax.Array, element_shape: tuple[int, ...]):
+  """Builds the network of `config.model` and initialises its parameters.
+
+  Args:
+    config: the run's config.
+    key: initialisation key.
+    element_shape: shape of one example (`(H, W, C)` or `(D,)`).
+
+  Returns:
+    `(model, params)`: the Linen module and its `params` collection.
+  """
+  model = make_model(config)
+  x = jnp.zeros((1, *element_shape), jnp.float32)
+  labels = jnp.ones((1,), jnp.float32)
+  param_key, dropout_key = jax.random.split(key)
+  variables = model.init({'params': param_key, 'dropout': dropout_key}, x, labels, train=False)
+  return model, variables['params']
+
+
+def model_fn(model, params: Params, *, train: bool = False, dropout_key: jax.Array | None = None):
+  """`model_fn(x, labels) -> out` with `params` (and a dropout key when training) bound."""
+  rngs = {'dropout': dropout_key} if train and dropout_key is not None else None
+  return functools.partial(model.apply, {'params': params}, train=train, rngs=rngs)
+
+
+def score_fn_builder(model, sde: sde_lib.SDE, continuous: bool) -> Callable[[Params], Callable]:
+  """`params -> score_fn(x, t)` for evaluation (no dropout)."""
+  return lambda params: make_score_fn(model_fn(model, params), sde, continuous)
+
+
+def make_loss_fn(config: ConfigDict, model, sde: sde_lib.SDE, *, train: bool = True) -> LossFn:
+  """`loss_fn(key, params, batch) -> (loss, metrics)` of the configured objective.
+
+  Continuous training uses the SDE denoising score-matching loss; discrete training uses
+  the SMLD loss for the VE SDE and the DDPM loss for the VP SDE (`losses.make_loss_fn`).
+  `train=False` turns dropout off (evaluation).
+  """
+  from scorejax import losses
+
+  training = config.training
+  loss_fn = losses.make_loss_fn(
+      sde, model, train=train, reduce_mean=training.reduce_mean,
+      continuous=training.continuous, likelihood_weighting=training.likelihood_weighting,
+      eps=training.eps,
+  )
+  return lambda key, params, batch: loss_fn(params, key, batch)
+
+
+def make_sampler(
+    config: ConfigDict, model, sde: sde_lib.SDE, shape: tuple[int, ...]
+) -> Callable[[jax.Array, Params], tuple[jax.Array, Any]]:
+  """The configured sampler as a compiled `sample_fn(key, params) -> (samples, nfe)`.
+
+  Raises:
+    ValueError: for an unknown `sampling.method` (listing the valid ones).
+  """
+  s = config.sampling
+  builder = score_fn_builder(model, sde, config.training.continuous)
+  n_steps = s.num_steps or None
+  if s.method.lower() == 'pc':
+    return sampling.make_pc_sampler(
+        builder, sde, shape, predictor=s.predictor.lower(), corrector=s.corrector.lower(),
+        snr=s.snr, n_corrector_steps=s.n_steps_each, n_steps=n_steps, denoise=s.noise_removal,
+        eps=s.eps, probability_flow=s.probability_flow,
+    )
+  if s.method.lower() == 'ode':
+    return sampling.make_ode_sampler(
+        builder, sde, shape, rtol=s.rtol, atol=s.atol, eps=s.eps, method=s.ode_method.lower(),
+        n_steps=n_steps, denoise=s.noise_removal,
+    )
+  raise ValueError(f"unknown sampling.method {s.method!r}; valid choices: ['ode', 'pc']")
+
+
+def host_array(x: jax.Array) -> np.ndarray:
+  """A numpy copy of a replicated (or fully addressable) array, on any process."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(x.addressable_shards[0].data)
+  return np.asarray(x)
+
+
+def host_tree(tree: Any) -> Any:
+  return jax.tree.map(host_array, tree)
+
+
+def to_data_range(config: ConfigDict, samples: np.ndarray) -> np.ndarray:
+  """Model-range samples -> data range: images in [0, 1] (clipped), toys unchanged."""
+  if is_toy(config):
+    return np.asarray(samples, np.float32)
+  inverse = datasets.get_data_inverse_scaler(config.data.centered)
+  return np.clip(np.asarray(inverse(np.asarray(samples, np.float32))), 0.0, 1.0)
+
+
+def draw_samples(
+    sample_fn: Callable, key: jax.Array, params: Params, num_samples: int, batch_size: int,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[np.ndarray, list]:
+  """Draws `num_samples` samples in batches (batch `i` uses `fold_in(key, i)`).
+
+  Returns:
+    `(samples [num_samples, ...] model range, nfe of each batch)`.
+  """
+  chunks, nfes = [], []
+  for index in range(math.ceil(num_samples / batch_size)):
+    samples, nfe = sample_fn(jax.random.fold_in(key, index), params)
+    chunks.append(host_array(samples))
+    nfes.append(int(host_array(jnp.asarray(nfe))))
+    if progress is not None:
+      progress(len(chunks[-1]))
+  return np.concatenate(chunks)[:num_samples], nfes
+
+
+def element_shape(config: ConfigDict) -> tuple[int, ...]:
+  """Shape of one example: `(H, W, C)` for images, `(D,)` for 2-D toys."""
+  if is_toy(config):
+    return (2,)
+  return (config.data.image_size, config.data.image_size, config.data.num_channels)
