@@ -160,6 +160,11 @@ class _FeatureColumn(Sequence):
   def __getitem__(self, index):
     return np.asarray(self._source[index][self._feature])
 
+  def __getitems__(self, indices: Sequence[int]) -> list[np.ndarray]:
+    # One batched array_record read instead of one read per index.
+    return [np.asarray(example[self._feature])
+            for example in self._source.__getitems__(list(indices))]
+
 
 def tfds_source(tfds_name: str, split: str, data_dir: str | None,
                 resize_fn: ResizeFn) -> ImageSource:
@@ -186,7 +191,10 @@ def tfds_source(tfds_name: str, split: str, data_dir: str | None,
   if file_format != 'array_record':
     raise DatasetNotPreparedError(
         f"dataset {tfds_name!r} in {builder.data_dir} is stored as {file_format}, but random "
-        f"access needs array_record; " + _prepare_hint(tfds_name, data_dir))
+        f"access needs array_record; convert it with `tfds convert_format "
+        f"--dataset_version_dir={builder.data_dir} --out_file_format=array_record "
+        f"--out_dir=NEW_DIR` (then move NEW_DIR in its place), or "
+        + _prepare_hint(tfds_name, data_dir))
   if split not in builder.info.splits:
     raise ValueError(f'Unknown split {split!r} for {tfds_name!r}; valid choices: '
                      f'{sorted(builder.info.splits)}.')

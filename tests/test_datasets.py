@@ -95,7 +95,7 @@ def test_digits_split_scale_and_upsampling():
 
   ds = datasets.make_dataset('digits', split='test', batch_size=4, image_size=8, shuffle=False,
                              num_threads=0)
-  assert ds.element_shape == (8, 8, 1) and ds.num_examples == 297
+  assert ds.element_shape == (8, 8, 1) and ds.num_examples == 297 and ds.num_levels == 17
   np.testing.assert_allclose(ds.batch_at(1)['image'][..., 0], raw[1504:1508] / 16.0, atol=1e-7)
 
 
@@ -159,6 +159,22 @@ def test_each_epoch_is_a_new_permutation_of_the_split():
   assert not np.array_equal(batches[0], reference.astype(np.float32))
   with pytest.raises(IndexError):
     ds.batch_at(66)
+
+
+def test_position_uniforms_are_uniform_and_keyed_by_position():
+  """100k draws: mean and bin masses within ~5 standard errors of U[0, 1) (se 0.0009 for
+  the mean, 0.00095 for a bin of mass 0.1); rows depend on the position only."""
+  positions = np.arange(1000, 2000, dtype=np.int64)
+  u = datasets.position_uniforms(7, 2, positions, 100)
+  assert u.dtype == np.float32 and u.shape == (1000, 100)
+  assert u.min() >= 0.0 and u.max() < 1.0
+  assert abs(u.mean() - 0.5) < 0.005
+  np.testing.assert_allclose(np.histogram(u, bins=10, range=(0, 1))[0] / u.size, 0.1, atol=0.005)
+  assert abs(np.corrcoef(u[:, :-1].ravel(), u[:, 1:].ravel())[0, 1]) < 0.02
+  np.testing.assert_array_equal(datasets.position_uniforms(7, 2, positions[::-1], 100), u[::-1])
+  for other in (datasets.position_uniforms(8, 2, positions, 100),
+                datasets.position_uniforms(7, 1, positions, 100)):
+    assert abs(np.corrcoef(u.ravel(), other.ravel())[0, 1]) < 0.02
 
 
 def test_flip_is_a_horizontal_mirror_of_the_same_image():
@@ -282,7 +298,21 @@ def test_tfds_cifar10_reads_the_prepared_array_records(tiny_cifar10_dir):
   for step in (0, 4):  # step 4 is in the second epoch of 12 images
     together = np.concatenate([shard.batch_at(step)['image'] for shard in shards])
     np.testing.assert_array_equal(together, single.batch_at(step)['image'])
-  assert single.batch_at(4)['image'].shape == (4, 16, 16, 3)
+  assert single.batch_at(4)['image'].shape == (4, 16, 16, 3) and single.num_levels == 256
+  with pytest.raises(ValueError, match="valid choices: \\['test', 'train'\\]"):
+    datasets.make_dataset('cifar10', split='validation', batch_size=4,
+                          data_dir=tiny_cifar10_dir)
+
+
+def test_tfds_dataset_in_tfrecord_format_is_refused(tiny_cifar10_dir, tmp_path):
+  data_dir = tmp_path / 'data'
+  shutil.copytree(tiny_cifar10_dir, data_dir)
+  info_path = data_dir / 'cifar10' / '3.0.2' / 'dataset_info.json'
+  info = json.loads(info_path.read_text())
+  info['fileFormat'] = 'tfrecord'
+  info_path.write_text(json.dumps(info))
+  with pytest.raises(datasets.DatasetNotPreparedError, match='--file_format=array_record'):
+    datasets.make_dataset('cifar10', split='train', batch_size=4, data_dir=str(data_dir))
 
 
 # ----------------------------------------------------------------------------- folders
