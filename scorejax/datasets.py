@@ -30,6 +30,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from collections.abc import Callable, Iterator
 
@@ -301,7 +302,7 @@ def make_dataset(name: str, *, split: str, batch_size: int, image_size: int = 32
                  data_dir: str | None = None, num_epochs: int | None = None,
                  shuffle: bool = True, num_channels: int | None = None,
                  process_index: int | None = None, process_count: int | None = None,
-                 num_threads: int = 2, prefetch: int = 4) -> Dataset:
+                 num_threads: int | None = None, prefetch: int = 4) -> Dataset:
   """Builds the per-host input pipeline of one split of dataset `name`.
 
   Args:
@@ -320,7 +321,8 @@ def make_dataset(name: str, *, split: str, batch_size: int, image_size: int = 32
     num_channels: if given, checked against the dataset's channels.
     process_index: this process (default `jax.process_index()`).
     process_count: number of processes (default `jax.process_count()`).
-    num_threads: grain threads that read batches ahead (0 = read in the caller's thread).
+    num_threads: grain threads that read batches ahead (0 = read in the caller's thread;
+      None = `min(8, cpu count)`); it never changes the batches.
     prefetch: batches read ahead.
 
   Returns:
@@ -342,6 +344,8 @@ def make_dataset(name: str, *, split: str, batch_size: int, image_size: int = 32
   process_count = jax.process_count() if process_count is None else process_count
   row_start, per_host = _host_rows(batch_size, process_index, process_count)
   seed = int(seed) % 2**32
+  if num_threads is None:
+    num_threads = min(8, os.cpu_count() or 1)
   if DATASETS[name] == 'toy':
     return _toy_dataset(name, split=split, batch_size=batch_size, seed=seed,
                         row_start=row_start, per_host=per_host)

@@ -42,6 +42,10 @@ def _pil_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
   """Antialiased bilinear resize of an integer image `[H, W, C]`, keeping its dtype."""
   if image.shape[:2] == (height, width):
     return image
+  if image.dtype == np.uint8 and image.shape[-1] in (1, 3):  # one PIL image, 'L' or 'RGB'
+    pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    resized = np.asarray(pil.resize((width, height), Image.BILINEAR))
+    return resized.reshape(height, width, image.shape[-1])
   channels = [Image.fromarray(image[..., c]) for c in range(image.shape[-1])]
   resized = [np.asarray(c.resize((width, height), Image.BILINEAR)) for c in channels]
   return np.stack(resized, axis=-1).astype(image.dtype)
