@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterator
 
 import grain
@@ -42,7 +43,7 @@ from scorejax import image_sources, toy_data
 from scorejax.image_sources import DatasetNotPreparedError
 
 __all__ = ['DATASETS', 'Dataset', 'BatchIterator', 'DatasetNotPreparedError', 'make_dataset',
-           'get_data_scaler', 'get_data_inverse_scaler']
+           'get_data_scaler', 'get_data_inverse_scaler', 'position_uniforms']
 
 Batch = dict[str, np.ndarray]
 
@@ -198,6 +199,8 @@ def _image_source(name: str, split: str, image_size: int, data_dir: str | None):
   if name in _TFDS:
     tfds_name, aliases, resize_fn = _TFDS[name]
     return image_sources.tfds_source(tfds_name, aliases.get(split, split), data_dir, resize_fn)
+  if split == 'eval' and data_dir and not os.path.isdir(os.path.join(data_dir, 'eval')):
+    split = 'test'
   return image_sources.image_folder_source(data_dir, split)
 
 
@@ -238,14 +241,17 @@ class _IndexSampler:
     self._seed = seed
     self._shuffle = shuffle
     self._cache: dict[int, np.ndarray] = {}
+    self._lock = threading.Lock()  # grain threads build batches concurrently
 
   def _permutation(self, epoch: int) -> np.ndarray:
-    permutation = self._cache.get(epoch)
-    if permutation is None:
-      permutation = np.random.default_rng([self._seed, epoch]).permutation(self._num_examples)
-      if len(self._cache) >= 4:
-        self._cache.pop(next(iter(self._cache)), None)
-      self._cache[epoch] = permutation
+    with self._lock:
+      permutation = self._cache.get(epoch)
+      if permutation is None:
+        rng = np.random.default_rng([self._seed, epoch])
+        permutation = rng.permutation(self._num_examples)
+        if len(self._cache) >= 4:
+          self._cache.pop(next(iter(self._cache)))
+        self._cache[epoch] = permutation
     return permutation
 
   def __call__(self, positions: np.ndarray) -> np.ndarray:
