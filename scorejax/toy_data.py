@@ -7,7 +7,9 @@ Owns the low-dimensional datasets that need no download: `checkerboard`, `swiss_
 (nats). The log-densities are exact: closed forms for the Gaussian mixtures, piecewise
 uniform for the checkerboard, and for the noisy curves (moons, swiss roll), whose curve
 parameter is uniform, the 1-D integral `p(x) = E_u[N(x; c(u), sigma^2 I)]` evaluated by a
-midpoint rule whose node spacing along the curve is far below `sigma` (error < 1e-6). The
+midpoint rule with node spacing along the curve ~sigma / 8 (second order, limited by the
+curve ends: density error < 5e-5 absolute and < 0.3% relative where p > 1e-3, i.e. < 0.003
+nats, measured against 16x more nodes). The
 closed forms are jittable; the curve quadratures run eagerly in fixed-size jitted chunks.
 
 References:
