@@ -54,12 +54,16 @@ class GaussianMixture:
     means: `[K, D]` component means.
     covs: `[K, D]` variances of diagonal components, or `[K, D, D]` full covariances.
     event_shape: the shape of one sample, with `prod(event_shape) == D`.
+    eigen: for full covariances, the cached `(U [K, D, D], lambda [K, D])` with
+      `S_k = U_k diag(lambda_k) U_k^T` (computed by `full`, so that scores inside a
+      sampler loop need no factorisation); `None` for diagonal mixtures or to recompute.
   """
 
   weights: Array
   means: Array
   covs: Array
   event_shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True), default=())
+  eigen: tuple[Array, Array] | None = None
 
   # -- constructors --------------------------------------------------------------------------
 
@@ -118,7 +122,9 @@ class GaussianMixture:
     K, D = means.shape
     if covs.shape != (K, D, D):
       raise ValueError(f'covs must have shape {(K, D, D)}, got {covs.shape}')
-    return cls(weights, means, 0.5 * (covs + jnp.swapaxes(covs, -1, -2)), event_shape)
+    covs = 0.5 * (covs + jnp.swapaxes(covs, -1, -2))
+    eigenvalues, eigenvectors = jnp.linalg.eigh(covs)
+    return cls(weights, means, covs, event_shape, (eigenvectors, jnp.maximum(eigenvalues, 0.0)))
 
   @classmethod
   def gaussian(
@@ -173,6 +179,8 @@ class GaussianMixture:
     """`(U [K, D, D] or None, lambda [K, D])` with `S_k = U_k diag(lambda_k) U_k^T`."""
     if self.is_diagonal:
       return None, self.covs
+    if self.eigen is not None:
+      return self.eigen
     eigenvalues, eigenvectors = jnp.linalg.eigh(self.covs)
     return eigenvectors, jnp.maximum(eigenvalues, 0.0)
 
@@ -253,10 +261,13 @@ class GaussianMixture:
     m, s = _kernel_coefficients(sde, t, 1)
     m, s = m[0], s[0]
     if self.is_diagonal:
-      covs = m**2 * self.covs + s**2
-    else:
-      covs = m**2 * self.covs + s**2 * jnp.eye(self.dim)
-    return GaussianMixture(self.weights, m * self.means, covs, self.event_shape)
+      return GaussianMixture(self.weights, m * self.means, m**2 * self.covs + s**2,
+                             self.event_shape)
+    # m^2 S + s^2 I keeps the eigenvectors of S; its eigenvalues are m^2 lambda + s^2.
+    eigenvectors, eigenvalues = self._eigen()
+    return GaussianMixture(self.weights, m * self.means,
+                           m**2 * self.covs + s**2 * jnp.eye(self.dim), self.event_shape,
+                           (eigenvectors, m**2 * eigenvalues + s**2))
 
   # -- sampling and moments ------------------------------------------------------------------
 
@@ -289,7 +300,7 @@ class GaussianMixture:
 
 
 jax.tree_util.register_dataclass(
-    GaussianMixture, data_fields=['weights', 'means', 'covs'], meta_fields=['event_shape'])
+    GaussianMixture, data_fields=['weights', 'means', 'covs', 'eigen'], meta_fields=['event_shape'])
 
 
 def Gaussian(
