@@ -13,11 +13,13 @@ from typing import Any
 
 import flax.linen as nn
 
-from scorejax.models import layers
+from scorejax.models import layers, ncsnpp
+from scorejax.models.ddpm import DDPM
 from scorejax.models.mlp import MLPScoreNet
+from scorejax.models.ncsnpp import NCSNpp
 
 
-class _Section:
+class ConfigSection:
   """Read-only view of one config section (ConfigDict or dict) with defaults."""
 
   def __init__(self, config: Any, name: str):
@@ -42,7 +44,7 @@ class _Section:
     return value
 
 
-def _make_mlp(model: _Section, data: _Section | None) -> nn.Module:
+def _make_mlp(model: ConfigSection, data: ConfigSection | None) -> nn.Module:
   del data
   return MLPScoreNet(
       hidden=int(model.get('hidden', 128)),
@@ -55,8 +57,103 @@ def _make_mlp(model: _Section, data: _Section | None) -> nn.Module:
   )
 
 
-MODELS: dict[str, Callable[[_Section, _Section | None], nn.Module]] = {
+def _choice(model: ConfigSection, key: str, valid: tuple[str, ...],
+            default: str | None = None) -> str:
+  value = str(model.get(key, default)).lower()
+  if value not in valid:
+    raise ValueError(f'unknown config.model.{key} {value!r}; valid choices: {list(valid)}')
+  return value
+
+
+def _ints(value: Any) -> tuple[int, ...]:
+  return tuple(int(v) for v in value)
+
+
+def _check_unet(model: ConfigSection, data: ConfigSection | None, nf: int, ch_mult: tuple[int, ...],
+                attn_resolutions: tuple[int, ...]) -> int:
+  """Checks the settings a U-Net cannot realize; returns the image size."""
+  if data is None:
+    raise ValueError('image networks need a config.data section (image_size, num_channels)')
+  image_size = int(data.require('image_size'))
+  if not ch_mult:
+    raise ValueError('config.model.ch_mult must not be empty')
+  num_downsamplings = len(ch_mult) - 1
+  if image_size % (2**num_downsamplings):
+    raise ValueError(f'config.data.image_size={image_size} is not divisible by '
+                     f'2^{num_downsamplings}, the number of down-samplings of ch_mult={ch_mult}')
+  resolutions = [image_size // 2**i for i in range(len(ch_mult))]
+  missing = sorted(set(attn_resolutions) - set(resolutions))
+  if missing:
+    raise ValueError(f'config.model.attn_resolutions {missing} never occur; the resolutions of '
+                     f'image_size={image_size}, ch_mult={ch_mult} are {resolutions}')
+  if nf < 1 or int(model.require('num_res_blocks')) < 0:
+    raise ValueError('config.model.nf must be positive and num_res_blocks non-negative')
+  for channels in {nf, *(nf * m for m in ch_mult)}:
+    layers.group_norm(channels)  # raises for channel counts GroupNorm cannot split
+  return image_size
+
+
+def _make_ncsnpp(model: ConfigSection, data: ConfigSection | None) -> nn.Module:
+  nf = int(model.require('nf'))
+  ch_mult = _ints(model.require('ch_mult'))
+  attn_resolutions = _ints(model.get('attn_resolutions', ()))
+  _check_unet(model, data, nf, ch_mult, attn_resolutions)
+  fir_kernel = _ints(model.get('fir_kernel', (1, 3, 3, 1)))
+  return NCSNpp(
+      nf=nf,
+      ch_mult=ch_mult,
+      num_res_blocks=int(model.require('num_res_blocks')),
+      attn_resolutions=attn_resolutions,
+      dropout=float(model.get('dropout', 0.1)),
+      resamp_with_conv=bool(model.get('resamp_with_conv', True)),
+      conditional=bool(model.get('conditional', True)),
+      fir=bool(model.get('fir', False)),
+      fir_kernel=fir_kernel,
+      skip_rescale=bool(model.get('skip_rescale', True)),
+      resblock_type=_choice(model, 'resblock_type', ncsnpp.RESBLOCK_TYPES, 'biggan'),
+      progressive=_choice(model, 'progressive', ncsnpp.PROGRESSIVE, 'none'),
+      progressive_input=_choice(model, 'progressive_input', ncsnpp.PROGRESSIVE_INPUT, 'none'),
+      progressive_combine=_choice(model, 'progressive_combine', ncsnpp.PROGRESSIVE_COMBINE,
+                                  'sum'),
+      embedding_type=_choice(model, 'embedding_type', ncsnpp.EMBEDDING_TYPES, 'fourier'),
+      fourier_scale=float(model.get('fourier_scale', 16.0)),
+      init_scale=float(model.get('init_scale', 0.0)),
+      scale_by_sigma=bool(model.get('scale_by_sigma', False)),
+      centered=bool(data.get('centered', False)),
+      act=layers.get_activation(model.get('nonlinearity', 'swish')),
+      sigma_min=float(model.get('sigma_min', 0.01)),
+      sigma_max=float(model.get('sigma_max', 50.0)),
+      num_scales=int(model.get('num_scales', 1000)),
+  )
+
+
+def _make_ddpm(model: ConfigSection, data: ConfigSection | None) -> nn.Module:
+  nf = int(model.require('nf'))
+  ch_mult = _ints(model.require('ch_mult'))
+  attn_resolutions = _ints(model.get('attn_resolutions', ()))
+  _check_unet(model, data, nf, ch_mult, attn_resolutions)
+  if nf % 32:
+    raise ValueError(f'ddpm uses 32-group GroupNorm: config.model.nf={nf} must be a multiple of 32')
+  return DDPM(
+      nf=nf,
+      ch_mult=ch_mult,
+      num_res_blocks=int(model.require('num_res_blocks')),
+      attn_resolutions=attn_resolutions,
+      dropout=float(model.get('dropout', 0.1)),
+      resamp_with_conv=bool(model.get('resamp_with_conv', True)),
+      scale_by_sigma=bool(model.get('scale_by_sigma', False)),
+      centered=bool(data.get('centered', True)),
+      act=layers.get_activation(model.get('nonlinearity', 'swish')),
+      sigma_min=float(model.get('sigma_min', 0.01)),
+      sigma_max=float(model.get('sigma_max', 50.0)),
+      num_scales=int(model.get('num_scales', 1000)),
+  )
+
+
+MODELS: dict[str, Callable[[ConfigSection, ConfigSection | None], nn.Module]] = {
     'mlp': _make_mlp,
+    'ncsnpp': _make_ncsnpp,
+    'ddpm': _make_ddpm,
 }
 
 
@@ -74,10 +171,10 @@ def make_model(config: Any) -> nn.Module:
     ValueError: for an unknown model name (listing the valid ones) or settings the
       network cannot realize.
   """
-  model = _Section(config, 'model')
+  model = ConfigSection(config, 'model')
   name = str(model.require('name')).lower()
   if name not in MODELS:
     raise ValueError(f'unknown model name {name!r}; valid choices: {sorted(MODELS)}')
   has_data = (isinstance(config, Mapping) and 'data' in config) or hasattr(config, 'data')
-  data = _Section(config, 'data') if has_data else None
+  data = ConfigSection(config, 'data') if has_data else None
   return MODELS[name](model, data)

@@ -7,7 +7,7 @@ score_sde (`layers.py`, `layerspp.py`): same formulas, same order of operations.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -86,3 +86,45 @@ class GaussianFourierProjection(nn.Module):
     W = jax.lax.stop_gradient(W)
     projection = s[:, None] * W[None, :] * (2 * np.pi)
     return jnp.concatenate([jnp.sin(projection), jnp.cos(projection)], axis=-1)
+
+
+def group_norm(channels: int, num_groups: int | None = None) -> nn.GroupNorm:
+  """The reference's GroupNorm: `min(C // 4, 32)` groups (or `num_groups`), eps 1e-6.
+
+  Raises:
+    ValueError: when the group count does not divide the channels.
+  """
+  groups = min(channels // 4, 32) if num_groups is None else num_groups
+  if groups < 1 or channels % groups:
+    raise ValueError(f'GroupNorm: {groups} groups cannot split {channels} channels; '
+                     'choose nf / ch_mult so every channel count is a multiple of 4 '
+                     '(and of 32 above 128)')
+  return nn.GroupNorm(num_groups=groups, epsilon=1e-6)
+
+
+def conv3x3(x: Array, out_ch: int, stride: int = 1, bias: bool = True, init_scale: float = 1.0,
+            padding: str | Sequence[tuple[int, int]] = 'SAME') -> Array:
+  """3x3 convolution with DDPM initialization (a `Conv_k` of the calling module)."""
+  return nn.Conv(out_ch, (3, 3), strides=(stride, stride), padding=padding, use_bias=bias,
+                 kernel_init=default_init(init_scale))(x)
+
+
+def conv1x1(x: Array, out_ch: int, bias: bool = True, init_scale: float = 1.0) -> Array:
+  """1x1 convolution with DDPM initialization (a `Conv_k` of the calling module)."""
+  return nn.Conv(out_ch, (1, 1), use_bias=bias, kernel_init=default_init(init_scale))(x)
+
+
+class NIN(nn.Module):
+  """Network-in-network: a per-pixel linear map of the channels, `x W + b`.
+
+  Parameters `W [C_in, num_units]`, `b [num_units]` (the same layout as the reference).
+  """
+
+  num_units: int
+  init_scale: float = 0.1
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    W = self.param('W', default_init(self.init_scale), (x.shape[-1], self.num_units))
+    b = self.param('b', nn.initializers.zeros, (self.num_units,))
+    return jnp.dot(x, W) + b
