@@ -43,6 +43,8 @@ class MLPScoreNet(nn.Module):
   @nn.compact
   def __call__(self, x: Array, labels: Array, train: bool = False) -> Array:
     del train  # no dropout / batch statistics
+    shape = x.shape  # images [B, H, W, C] are modelled as flat vectors [B, H * W * C]
+    x = x.reshape(shape[0], -1)
     if self.embedding_type == 'fourier':
       temb = layers.GaussianFourierProjection(
           self.embedding_dim // 2, self.fourier_scale, name='fourier_projection')(jnp.log(labels))
@@ -60,7 +62,7 @@ class MLPScoreNet(nn.Module):
       r = nn.Dense(self.hidden, kernel_init=layers.default_init(0.0),
                    name=f'block_{i}_dense_1')(self.act(r))
       h = h + r
-    out = nn.Dense(x.shape[-1], name='output')(self.act(h))
+    out = nn.Dense(x.shape[-1], name='output')(self.act(h)).reshape(shape)
     if self.scale_by_sigma:
       out = out / labels.reshape((-1,) + (1,) * (out.ndim - 1))
     return out
