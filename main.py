@@ -18,9 +18,23 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 _DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parent / 'configs' / 'default.py')
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', _DEFAULT_CONFIG, 'Config file (ml_collections).', lock_config=True
-)
+
+
+def _config_error(error: BaseException) -> None:
+  """Reports a bad `--config` / `--config.*` flag on one line and exits with status 2."""
+  text = str(error.args[0] if error.args else error)
+  text = ' '.join(text.replace('\\n', ' ').replace("\\'", '').replace("'", '').split())
+  overrides = [a for a in sys.argv[1:] if a.startswith('--config')]
+  sys.stderr.write(f'main.py: error: invalid config flag {overrides}: {text}\n')
+  sys.exit(2)
+
+
+try:  # ml_collections applies --config.* overrides as soon as the flag is defined.
+  _CONFIG = config_flags.DEFINE_config_file(
+      'config', _DEFAULT_CONFIG, 'Config file (ml_collections).', lock_config=True
+  )
+except (AttributeError, KeyError, TypeError, ValueError) as _error:
+  _config_error(_error)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and samples.')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'sample'], 'What to run.')
 _COORDINATOR = flags.DEFINE_string(
@@ -34,7 +48,11 @@ flags.mark_flags_as_required(['workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  config = _CONFIG.value
+  try:
+    config = _CONFIG.value
+    config.training  # noqa: B018 - raises if the config file failed to load
+  except OSError as error:
+    _config_error(error)
   workdir = pathlib.Path(_WORKDIR.value)
 
   # Before JAX starts its backends: CPU device split and multi-process setup.
@@ -57,12 +75,14 @@ def main(argv):
     (workdir / name).write_text(json.dumps(json.loads(config.to_json_best_effort()), indent=2))
 
   from scorejax import run_eval, run_sample, run_train
+  from scorejax.datasets import DatasetNotPreparedError
 
   runners = {'train': run_train.run, 'eval': run_eval.run, 'sample': run_sample.run}
   try:
     result = runners[_MODE.value](config, str(workdir))
-  except run_train.TrainingError as error:
-    logging.error('%s', error)
+  except (run_train.TrainingError, DatasetNotPreparedError, FileNotFoundError) as error:
+    logging.error('%s: %s', type(error).__name__, error)
+    sys.stderr.write(f'main.py: error: {error}\n')
     sys.exit(1)
   logging.info('%s finished: %s', _MODE.value, result)
 
@@ -74,11 +94,19 @@ class _QuietLibraries(std_logging.Filter):
     return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing, with bad `--config.*` overrides reported on one line (exit 2)."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as error:
+    _config_error(error)
+
+
 def _entry():
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   std_logging.getLogger('absl').addFilter(_QuietLibraries())
   try:
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
   except KeyboardInterrupt:
     sys.exit(130)
 

@@ -11,8 +11,10 @@ This file is itself a runnable config (scikit-learn's `load_digits`, no download
   python main.py --workdir=runs/digits --mode=sample
   python main.py --workdir=runs/digits --mode=eval
 
-It trains a VP-SDE DDPM++-style U-Net (continuous time) on 8x8 digits for 6000 steps,
-about 10 minutes on 2 CPU cores, writing sample grids, a loss curve and bits/dim.
+It trains a residual-MLP score model (the 8x8 images as 64-vectors; a U-Net is ~50x
+slower per step on a CPU) with the VP SDE in continuous time for 8000 steps, about
+10 minutes on 2 CPU cores, writing sample grids, a loss curve and bits/dim.
+Try `--config.model.name=ncsnpp` for a small DDPM++ U-Net (needs hours on a CPU).
 """
 
 import ml_collections
@@ -31,7 +33,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
   training.likelihood_weighting = False  # weight by g(t)^2 (Song et al. 2021b, NLL training)
   training.eps = 1e-5  # smallest training time t ~ U[eps, T]
   training.batch_size = 128  # global batch size (all devices / hosts)
-  training.n_iters = 6000  # total optimizer steps
+  training.n_iters = 8000  # total optimizer steps
   training.n_jitted_steps = 1  # steps fused into one compiled call (lax.scan)
   training.log_freq = 50  # steps between metric logs (a multiple of n_jitted_steps)
   training.eval_freq = 500  # steps between losses on a test batch
@@ -88,7 +90,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
 
   # Model (score_sde names; read by scorejax.models.make_model).
   config.model = model = ml_collections.ConfigDict()
-  model.name = 'ddpm'  # scorejax.models.MODELS: 'mlp', 'ddpm', 'ncsnpp', ...
+  model.name = 'mlp'  # scorejax.models.MODELS: 'mlp', 'ddpm', 'ncsnpp', ...
   model.ema_rate = 0.999  # decay of the parameter EMA
   model.num_scales = 1000  # N: discrete noise levels / sampling steps
   model.sigma_min = 0.01  # VE smallest noise
@@ -117,14 +119,14 @@ def get_default_configs() -> ml_collections.ConfigDict:
   model.embedding_type = 'positional'  # 'positional' (VP) | 'fourier' (VE)
   model.fourier_scale = 16.0
   model.conv_size = 3
-  model.hidden = 128  # MLP width ('mlp' only)
-  model.num_layers = 3  # MLP residual blocks ('mlp' only)
+  model.hidden = 256  # MLP width ('mlp' only)
+  model.num_layers = 4  # MLP residual blocks ('mlp' only)
   model.embedding_dim = 64  # MLP time-embedding width ('mlp' only)
 
   # Optimization (score_sde names).
   config.optim = optim = ml_collections.ConfigDict()
   optim.optimizer = 'Adam'  # 'Adam' | 'AdamW'
-  optim.lr = 2e-3  # peak learning rate
+  optim.lr = 1e-3  # peak learning rate
   optim.beta1 = 0.9
   optim.eps = 1e-8
   optim.warmup = 200  # linear warm-up steps

@@ -1,0 +1,242 @@
+"""End-to-end tests of the workflows: main.py flags, train -> sample -> eval, resume, multi-host.
+
+The fast tests call the drivers in-process on the smoke config (tiny MLP, 2-D toy); the
+slow ones run `main.py` in subprocesses (SIGKILL and resume, two processes vs one).
+"""
+
+import importlib.util
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from scorejax import checkpoints, run_eval, run_sample, run_train
+from scorejax.logging_utils import read_jsonl
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MAIN = ROOT / 'main.py'
+
+
+def load_config(name: str = 'smoke', **overrides):
+  """Loads `configs/<name>.py` as main.py would, applies `section.field=value` overrides."""
+  if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+  spec = importlib.util.spec_from_file_location(f'configs.{name}', ROOT / 'configs' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for path, value in overrides.items():
+    section, field = path.split('.')
+    setattr(config[section], field, value)
+  config.lock()
+  return config
+
+
+def run_main(*args, env=None, timeout=300, check=True):
+  environment = dict(os.environ, **(env or {}))
+  result = subprocess.run([sys.executable, str(MAIN), *args], capture_output=True, text=True,
+                          timeout=timeout, env=environment, cwd=ROOT)
+  if check and result.returncode != 0:
+    raise AssertionError(f'main.py {args} failed ({result.returncode}):\n{result.stderr[-3000:]}')
+  return result
+
+
+def final_ema(workdir, step=None):
+  params, _ = checkpoints.restore_params(workdir, step)
+  return params
+
+
+def assert_trees_equal(a, b, atol=0.0):
+  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(leaves_a) == len(leaves_b)
+  for x, y in zip(leaves_a, leaves_b, strict=True):
+    if atol:
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0)
+    else:
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# ------------------------------------------------------------------------- flags
+
+
+@pytest.mark.parametrize('override, expected', [
+    ('--config.training.batchsize=3', 'Did you mean "batch_size"'),
+    ('--config.trainin.batch_size=3', 'Did you mean "training"'),
+    ('--config.training.batch_size=abc', 'invalid literal for int()'),
+])
+def test_bad_config_override_fails_with_one_line(tmp_path, override, expected):
+  result = run_main(f'--workdir={tmp_path}', override, check=False, timeout=60)
+  assert result.returncode == 2
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1, result.stderr
+  assert lines[0].startswith('main.py: error: invalid config flag') and expected in lines[0]
+  assert 'Traceback' not in result.stderr
+
+
+def test_config_overrides_are_applied_and_written(tmp_path):
+  result = run_main(f'--workdir={tmp_path}', '--config=configs/smoke.py', '--mode=sample',
+                    '--config.sampling.num_samples=3', check=False, timeout=120)
+  # No checkpoint yet: a clear error, after the resolved config was written.
+  assert result.returncode == 1 and 'no checkpoint under' in result.stderr
+  written = json.loads((tmp_path / 'config_sample.json').read_text())
+  assert written['sampling']['num_samples'] == 3
+  assert written['data']['dataset'] == 'two_moons'
+
+
+def test_default_config_is_the_digits_model():
+  config = load_config('default')
+  assert config.data.dataset == 'digits' and config.data.image_size == 8
+  assert config.training.n_iters > 0 and config.model.name in ('ncsnpp', 'ddpm', 'mlp')
+
+
+# ------------------------------------------------------------------------- in-process
+
+
+def test_train_sample_eval_on_smoke_config(tmp_path):
+  config = load_config()
+  summary = run_train.run(config, str(tmp_path))
+  assert summary == {'step': 20, 'status': 'done'}
+  records = read_jsonl(tmp_path / 'metrics.jsonl')
+  logged = [r for r in records if 'loss' in r]
+  assert [r['step'] for r in logged] == [5, 10, 15, 20]
+  for record in logged:
+    assert np.isfinite(record['loss']) and record['images_per_sec'] > 0 and 'lr' in record
+  assert any('eval_loss' in r for r in records)
+  assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['10', '20']
+  assert (tmp_path / 'samples' / 'step_20.png').exists()
+  assert (tmp_path / 'samples' / 'score_step_20.png').exists()
+  assert list((tmp_path / 'tb').iterdir())
+
+  out = run_sample.run(config, str(tmp_path))
+  first = np.load(out['path'])['samples']
+  assert first.shape == (32, 2) and np.isfinite(first).all() and out['nfe'] == [20, 20]
+  again = np.load(run_sample.run(config, str(tmp_path))['path'])['samples']
+  np.testing.assert_array_equal(first, again)  # same seed and checkpoint, same samples
+
+  eval_config = load_config(**{'eval.enable_bpd': False})
+  results = run_eval.run(eval_config, str(tmp_path))
+  assert results[0]['step'] == 20 and np.isfinite(results[0]['eval_loss'])
+  assert read_jsonl(tmp_path / 'eval' / 'metrics.jsonl')[-1]['step'] == 20
+
+
+def test_resume_gives_identical_parameters(tmp_path):
+  """Stopping at step 10 (of 20) and rerunning gives the uninterrupted run's state, bit for bit."""
+  run_train.run(load_config(), str(tmp_path / 'straight'))
+  run_train.run(load_config(**{'training.n_iters': 10}), str(tmp_path / 'split'))
+  summary = run_train.run(load_config(), str(tmp_path / 'split'))
+  assert summary['step'] == 20
+  assert_trees_equal(final_ema(tmp_path / 'split', 20), final_ema(tmp_path / 'straight', 20))
+  params_a, _ = checkpoints.restore_params(tmp_path / 'split', 20, use_ema=False)
+  params_b, _ = checkpoints.restore_params(tmp_path / 'straight', 20, use_ema=False)
+  assert_trees_equal(params_a, params_b)
+
+
+def test_non_finite_loss_stops_without_saving(tmp_path):
+  # A learning rate of 1e30 overflows the parameters within a few steps.
+  config = load_config(**{'optim.lr': 1e30, 'optim.warmup': 0, 'optim.grad_clip': -1.0,
+                          'training.log_freq': 5})
+  with pytest.raises(run_train.TrainingError, match='non-finite'):
+    run_train.run(config, str(tmp_path))
+  ckpt = checkpoints.Checkpointer(tmp_path)
+  for step, manager in ckpt.candidates():
+    restored = manager.restore(step)
+    for leaf in jax.tree.leaves(restored['state']):
+      assert np.isfinite(np.asarray(leaf, np.float64)).all()
+  ckpt.close()
+
+
+def test_unprepared_tfds_dataset_gives_clear_message(tmp_path):
+  result = run_main(f'--workdir={tmp_path / "run"}', '--config=configs/smoke.py',
+                    '--config.data.dataset=cifar10', f'--config.data.data_dir={tmp_path}',
+                    '--config.model.name=mlp', check=False, timeout=120)
+  assert result.returncode == 1
+  assert 'Traceback' not in result.stderr
+  assert 'tfds build cifar10' in result.stderr
+
+
+# ------------------------------------------------------------------------- subprocesses
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_is_bit_identical(tmp_path):
+  """A run killed with SIGKILL mid-training and rerun ends as an uninterrupted run."""
+  args = ['--config=configs/smoke.py', '--config.training.n_iters=60',
+          '--config.training.snapshot_freq=60', '--config.training.snapshot_freq_for_preemption=5',
+          '--config.training.snapshot_sampling=False']
+  run_main(f'--workdir={tmp_path / "straight"}', *args)
+
+  killed = tmp_path / 'killed'
+  process = subprocess.Popen([sys.executable, str(MAIN), f'--workdir={killed}', *args],
+                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  meta = killed / checkpoints.PREEMPTION_DIR
+  deadline = time.monotonic() + 240
+  while time.monotonic() < deadline and process.poll() is None:
+    steps = [int(p.name) for p in meta.glob('[0-9]*')] if meta.exists() else []
+    if steps and max(steps) >= 20:
+      break
+    time.sleep(0.05)
+  assert process.poll() is None, 'the run ended before it could be killed'
+  os.kill(process.pid, signal.SIGKILL)
+  process.wait()
+  assert not (killed / 'checkpoints' / '60').exists()
+  run_main(f'--workdir={killed}', *args)
+  assert_trees_equal(final_ema(killed, 60), final_ema(tmp_path / 'straight', 60))
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_preemption_checkpoint(tmp_path):
+  args = ['--config=configs/smoke.py', '--config.training.n_iters=100000',
+          '--config.training.snapshot_freq=100000',
+          '--config.training.snapshot_freq_for_preemption=100000',
+          '--config.training.snapshot_sampling=False', f'--workdir={tmp_path}']
+  process = subprocess.Popen([sys.executable, str(MAIN), *args], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + 240
+  while time.monotonic() < deadline:
+    if (tmp_path / 'metrics.jsonl').exists() and (tmp_path / 'metrics.jsonl').read_text():
+      break
+    time.sleep(0.1)
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=120)
+  assert process.returncode == 0, stderr[-2000:]
+  steps = [int(p.name) for p in (tmp_path / checkpoints.PREEMPTION_DIR).glob('[0-9]*')]
+  assert len(steps) == 1 and steps[0] >= 5
+  assert 'SIGTERM' in stderr
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process(tmp_path):
+  """Two CPU processes (gloo collectives) with the same global batch match one process."""
+  args = ['--config=configs/smoke.py', '--config.training.n_iters=10',
+          '--config.training.snapshot_freq=10', '--config.training.snapshot_sampling=False']
+  one_device = {'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+  two_devices = {'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  run_main(f'--workdir={tmp_path / "single"}', *args, env=two_devices)
+
+  import socket
+
+  with socket.socket() as sock:
+    sock.bind(('127.0.0.1', 0))
+    port = sock.getsockname()[1]
+  workdir = tmp_path / 'multi'
+  processes = [
+      subprocess.Popen(
+          [sys.executable, str(MAIN), f'--workdir={workdir}', *args,
+           f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
+          cwd=ROOT, env=dict(os.environ, **one_device), stdout=subprocess.DEVNULL,
+          stderr=subprocess.PIPE, text=True)
+      for i in range(2)
+  ]
+  for process in processes:
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+  assert_trees_equal(final_ema(workdir, 10), final_ema(tmp_path / 'single', 10), atol=1e-6)
+  # Only process 0 writes logs.
+  assert len([r for r in read_jsonl(workdir / 'metrics.jsonl') if r['step'] == 10]) >= 1
