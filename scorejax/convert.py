@@ -36,6 +36,8 @@ before it runs, with `UnsafeCheckpointError`.
 
 from __future__ import annotations
 
+import functools
+import json
 import pathlib
 import pickle
 from collections.abc import Mapping
@@ -62,17 +64,20 @@ class UnsafeCheckpointError(ValueError):
 # The network's parameter structure.
 
 
-def abstract_params(config: Any) -> tuple[dict, list[str]]:
-  """Shapes of the network's parameters and its top-level submodules in call order.
+def _sections_key(config: Any) -> str:
+  """A JSON key of the `model` and `data` sections (what decides the network)."""
+  sections = {}
+  for name in ('model', 'data'):
+    section = config[name] if isinstance(config, Mapping) else getattr(config, name, None)
+    if hasattr(section, 'to_dict'):
+      section = section.to_dict()
+    sections[name] = section
+  return json.dumps(sections, sort_keys=True, default=str)
 
-  Args:
-    config: a score_sde-style config (see `make_model`).
 
-  Returns:
-    `(params, call_order)`: `params` is the `params` collection of `ShapeDtypeStruct`s;
-    `call_order` names the top-level submodules in the order the forward first calls
-    them (parameter-free ones included).
-  """
+@functools.lru_cache(maxsize=16)
+def _abstract_params(sections_key: str) -> tuple[dict, tuple[str, ...]]:
+  config = json.loads(sections_key)
   model = make_model(config)
   data = ConfigSection(config, 'data')
   size = int(data.require('image_size'))
@@ -89,7 +94,24 @@ def abstract_params(config: Any) -> tuple[dict, list[str]]:
 
   with nn.intercept_methods(record):
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, labels))
-  return variables['params'], order
+  return variables['params'], tuple(order)
+
+
+def abstract_params(config: Any) -> tuple[dict, tuple[str, ...]]:
+  """Shapes of the network's parameters and its top-level submodules in call order.
+
+  Traced once per distinct `model` / `data` sections (`jax.eval_shape`, nothing is
+  allocated) and cached.
+
+  Args:
+    config: a score_sde-style config (see `make_model`).
+
+  Returns:
+    `(params, call_order)`: `params` is the `params` collection of `ShapeDtypeStruct`s;
+    `call_order` names the top-level submodules in the order the forward first calls
+    them (parameter-free ones included).
+  """
+  return _abstract_params(_sections_key(config))
 
 
 def _describe_mismatch(tree: Mapping, expected: Mapping) -> list[str]:
