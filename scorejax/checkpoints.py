@@ -159,10 +159,29 @@ def restore_params(
     KeyError: when the checkpoint holds neither `params` nor `ema_params`.
   """
   step_dir = find_step_dir(path, step)
-  tree = jax.device_get(ocp.PyTreeCheckpointer().restore(step_dir / 'state'))
+  tree = jax.device_get(_restore_on_this_host(step_dir / 'state'))
   names = [name for name in ('ema_params', 'params') if name in tree]
   if not use_ema:
     names.reverse()
   if not names:
     raise KeyError(f'{step_dir}/state holds neither params nor ema_params: {sorted(tree)}')
   return tree[names[0]], int(step_dir.name) if step_dir.name.isdigit() else 0
+
+
+def _restore_on_this_host(path: pathlib.Path) -> PyTree:
+  """Restores a saved pytree onto this process's first CPU device.
+
+  Explicit shardings make checkpoints written by any topology (e.g. two processes)
+  readable by one process; without them orbax reuses the saved device assignment.
+  """
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    metadata = checkpointer.metadata(path)
+    tree = getattr(metadata, 'item_metadata', metadata)
+    tree = dict(getattr(tree, 'tree', tree))
+    cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend='cpu')[0])
+    restore_args = jax.tree.map(
+        lambda leaf: ocp.ArrayRestoreArgs(sharding=cpu) if hasattr(leaf, 'shape')
+        else ocp.RestoreArgs(),
+        tree,
+    )
+    return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))

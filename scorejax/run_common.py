@@ -19,7 +19,7 @@ import numpy as np
 
 from scorejax import datasets, sampling
 from scorejax import sde as sde_lib
-from scorejax.models import make_model, make_score_fn
+from scorejax.models import make_score_fn
 from scorejax.train import LossFn
 
 Params = Any
@@ -45,9 +45,14 @@ def is_toy(config: ConfigDict) -> bool:
 
 def make_data(
     config: ConfigDict, split: str, batch_size: int, *, num_epochs: int | None = None,
-    shuffle: bool = True, seed: int | None = None,
+    shuffle: bool = True, seed: int | None = None, uniform_dequantization: bool | None = None,
 ) -> datasets.Dataset:
-  """The per-host input pipeline of `split` with the config's data settings."""
+  """The per-host input pipeline of `split` with the config's data settings.
+
+  `seed` and `uniform_dequantization`, when given, replace the config's values.
+  """
+  if uniform_dequantization is None:
+    uniform_dequantization = config.data.uniform_dequantization
   return datasets.make_dataset(
       config.data.dataset,
       split=split,
@@ -55,7 +60,7 @@ def make_data(
       image_size=config.data.image_size,
       centered=config.data.centered,
       random_flip=config.data.random_flip if split == 'train' else False,
-      uniform_dequantization=config.data.uniform_dequantization,
+      uniform_dequantization=uniform_dequantization,
       seed=config.seed if seed is None else seed,
       data_dir=config.data.data_dir or None,
       num_epochs=num_epochs,
@@ -64,23 +69,16 @@ def make_data(
   )
 
 
-def init_model(config: ConfigDict, key: jax.Array, element_shape: tuple[int, ...]):
-  """Builds the network of `config.model` and initialises its parameters.
+def init_params(model, key: jax.Array, element_shape: tuple[int, ...]) -> Params:
+  """Initialises the `params` collection of `model` for examples of `element_shape`.
 
-  Args:
-    config: the run's config.
-    key: initialisation key.
-    element_shape: shape of one example (`(H, W, C)` or `(D,)`).
-
-  Returns:
-    `(model, params)`: the Linen module and its `params` collection.
+  Pure (jit it with `out_shardings` to create replicated parameters on many hosts).
   """
-  model = make_model(config)
   x = jnp.zeros((1, *element_shape), jnp.float32)
   labels = jnp.ones((1,), jnp.float32)
   param_key, dropout_key = jax.random.split(key)
   variables = model.init({'params': param_key, 'dropout': dropout_key}, x, labels, train=False)
-  return model, variables['params']
+  return variables['params']
 
 
 def model_fn(model, params: Params, *, train: bool = False, dropout_key: jax.Array | None = None):
@@ -140,7 +138,7 @@ def make_sampler(
 def host_array(x: jax.Array) -> np.ndarray:
   """A numpy copy of a replicated (or fully addressable) array, on any process."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    return np.asarray(x.addressable_shards[0].data)
+    return np.asarray(x.addressable_data(0))
   return np.asarray(x)
 
 

@@ -31,6 +31,7 @@ from absl import logging
 from scorejax import distributed, images, run_common, toy_data
 from scorejax.checkpoints import Checkpointer
 from scorejax.logging_utils import MetricWriter, read_jsonl
+from scorejax.models import make_model
 from scorejax.train import make_eval_step, make_train_step
 from scorejax.train_state import create_train_state, make_lr_schedule, make_optimizer
 
@@ -148,13 +149,16 @@ def run(config, workdir: str) -> dict:
   train_key = jax.random.fold_in(key, TRAIN_STREAM)
   sde = run_common.make_sde(config)
   train_data = run_common.make_data(config, 'train', training.batch_size)
-  model, params = run_common.init_model(
-      config, jax.random.fold_in(key, INIT_STREAM), train_data.element_shape
-  )
+  model = make_model(config)
   optimizer, schedule = make_optimizer_from_config(config)
-  state = jax.device_put(create_train_state(params, optimizer), replicated)
+  # Created inside jit with replicated outputs: valid global arrays on every host.
+  state = jax.jit(
+      lambda k: create_train_state(
+          run_common.init_params(model, k, train_data.element_shape), optimizer),
+      out_shardings=replicated,
+  )(jax.random.fold_in(key, INIT_STREAM))
   logging.info('model %s: %d parameters', config.model.name,
-               sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)))
+               sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params)))
 
   checkpointer = Checkpointer(workdir, max_to_keep=training.max_to_keep or None)
   data_state = {'step': 0}
