@@ -10,10 +10,13 @@ happens inside `jit` (`scorejax.ode`), with the error norm over the joint state
 
 Divergence estimators (`ESTIMATORS`):
 - `'rademacher'` / `'gaussian'`: Hutchinson-Skilling, `div f ~ eps^T (df/dx) eps` with one
-  noise `eps` drawn per sample and kept fixed along the trajectory. One `jax.vjp` per
-  evaluation yields the drift and the vector-Jacobian product together: the cost of one
-  evaluation (one NFE) is one forward plus one backward pass, where the reference ran the
-  forward twice (the drift, then again inside a gradient).
+  noise `eps` drawn per sample and kept fixed along the trajectory. One Jacobian product per
+  evaluation yields the drift (its primal) and `(df/dx) eps` or `eps^T (df/dx)` together, so
+  one NFE costs one linearized pass, where the reference ran the forward twice (the drift,
+  then again inside a gradient). `jacobian_product='jvp'` (default, forward mode) and
+  `'vjp'` (reverse mode) give the same estimate up to float rounding; on XLA CPU the VJP
+  inside the solver's while loop (transposed convolutions) measured ~4x slower than the JVP
+  (`docs/benchmarks.md`), on accelerators they cost about the same.
 - `'exact'`: the full trace, `D` Jacobian-vector products of one linearization; for
   low-dimensional data (`D` up to a few dozen).
 
@@ -39,6 +42,7 @@ Array = jax.Array
 ScoreFn = Callable[[Array, Array], Array]
 
 ESTIMATORS = ('rademacher', 'gaussian', 'exact')
+JACOBIAN_PRODUCTS = ('jvp', 'vjp')
 
 
 def _sum_except_batch(x: Array) -> Array:
@@ -63,7 +67,7 @@ def _exact_divergence(fn: Callable[[Array], Array], x: Array) -> tuple[Array, Ar
 
 
 def _augmented_vector_field(score_fn: ScoreFn, sde: sde_lib.SDE, estimator: str,
-                            noise: Array | None, batch: int):
+                            noise: Array | None, batch: int, jacobian_product: str = 'jvp'):
   reverse = sde.reverse(score_fn, probability_flow=True)
 
   def vector_field(t, state):
@@ -71,6 +75,9 @@ def _augmented_vector_field(score_fn: ScoreFn, sde: sde_lib.SDE, estimator: str,
     drift_fn = lambda y: reverse.sde(y, jnp.full((batch,), t, y.dtype))[0]
     if estimator == 'exact':
       drift, divergence = _exact_divergence(drift_fn, x)
+    elif jacobian_product == 'jvp':
+      drift, jacobian_noise = jax.jvp(drift_fn, (x,), (noise,))
+      divergence = _sum_except_batch(jacobian_noise * noise)
     else:
       drift, vjp_fn = jax.vjp(drift_fn, x)
       divergence = _sum_except_batch(vjp_fn(noise)[0] * noise)
@@ -79,11 +86,14 @@ def _augmented_vector_field(score_fn: ScoreFn, sde: sde_lib.SDE, estimator: str,
   return vector_field
 
 
-@functools.partial(jax.jit, static_argnames=('score_fn', 'estimator', 'method', 'n_steps'))
-def _log_likelihood(key, score_fn, sde, x, estimator, rtol, atol, eps, method, n_steps):
+@functools.partial(jax.jit, static_argnames=('score_fn', 'estimator', 'method', 'n_steps',
+                                             'jacobian_product'))
+def _log_likelihood(key, score_fn, sde, x, estimator, rtol, atol, eps, method, n_steps,
+                    jacobian_product):
   batch = x.shape[0]
   noise = _hutchinson_noise(key, x.shape, estimator)
-  vector_field = _augmented_vector_field(score_fn, sde, estimator, noise, batch)
+  vector_field = _augmented_vector_field(score_fn, sde, estimator, noise, batch,
+                                         jacobian_product)
   state0 = (x, jnp.zeros((batch,), x.dtype))
   (z, delta_logp), nfe = ode_lib.solve_ode(vector_field, state0, eps, sde.T, method=method,
                                            rtol=rtol, atol=atol, n_steps=n_steps)
@@ -102,6 +112,7 @@ def log_likelihood(
     eps: float = 1e-5,
     method: str = 'tsit5',
     n_steps: int | None = None,
+    jacobian_product: str = 'jvp',
 ) -> tuple[Array, Array, Array]:
   """Log-density of `x` under the model's probability-flow ODE, in nats.
 
@@ -116,21 +127,25 @@ def log_likelihood(
     eps: the starting time; the result is `log p_eps(x)`, which tends to `log p_0(x)`.
     method: a key of `scorejax.ode.ODE_METHODS`.
     n_steps: steps of the fixed-step methods; `None` means `sde.N`.
+    jacobian_product: `'jvp'` or `'vjp'`, how the Hutchinson estimators get their product.
 
   Returns:
     `(logp [B], z [B, ...], nfe)`: log-density in nats, the latent `x(T)`, and the number of
-    ODE right-hand-side evaluations (int32 scalar; each is one forward + one VJP of the
-    score network for the Hutchinson estimators).
+    ODE right-hand-side evaluations (int32 scalar; each is one JVP or VJP of the score
+    network, primal included, for the Hutchinson estimators).
 
   Raises:
-    ValueError: for an unknown estimator or method, listing the valid ones.
+    ValueError: for an unknown estimator, Jacobian product or method, listing the valid ones.
   """
   if estimator not in ESTIMATORS:
     raise ValueError(f'unknown estimator {estimator!r}; valid choices: {list(ESTIMATORS)}')
+  if jacobian_product not in JACOBIAN_PRODUCTS:
+    raise ValueError(f'unknown jacobian_product {jacobian_product!r}; valid choices: '
+                     f'{list(JACOBIAN_PRODUCTS)}')
   ode_lib.get_ode_method(method)
   n_steps = sde.N if n_steps is None else n_steps
   return _log_likelihood(key, score_fn, sde, jnp.asarray(x), estimator, rtol, atol, eps,
-                         method, n_steps)
+                         method, n_steps, jacobian_product)
 
 
 def bits_per_dim(

@@ -66,8 +66,9 @@ def test_image_shaped_data():
   _check_exact(data, SDES['vpsde'], batch=4)
 
 
-@pytest.mark.parametrize('estimator', ['rademacher', 'gaussian'])
-def test_hutchinson_is_unbiased_within_monte_carlo_error(estimator):
+@pytest.mark.parametrize('estimator,jacobian_product',
+                         [('rademacher', 'jvp'), ('gaussian', 'jvp'), ('rademacher', 'vjp')])
+def test_hutchinson_is_unbiased_within_monte_carlo_error(estimator, jacobian_product):
   # Per-sample errors e_i = logp_i - log p_eps(x_i) - (prior mismatch) are independent (one
   # noise draw per sample) with mean = the solver error (<= 1e-3 D, checked above): their
   # batch mean must be within 4 standard errors (std(e) / sqrt(B)) of 0, plus that solver
@@ -75,7 +76,8 @@ def test_hutchinson_is_unbiased_within_monte_carlo_error(estimator):
   sde, data, batch = SDES['vpsde'], MIXTURE_8D, 64
   x = data.sample(jax.random.key(3), batch)
   logp, z, _ = likelihood.log_likelihood(jax.random.key(4), data.score_fn(sde), sde, x,
-                                         estimator=estimator, eps=EPS)
+                                         estimator=estimator, eps=EPS,
+                                         jacobian_product=jacobian_product)
   log_p_eps, log_p_T = _closed_form(data, sde, x, z)
   errors = np.asarray(logp) - np.asarray(sde.prior_logp(z)) - (log_p_eps - log_p_T)
   standard_error = errors.std(ddof=1) / np.sqrt(batch)

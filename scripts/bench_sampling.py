@@ -1,0 +1,252 @@
+"""Times the samplers and the likelihood and records the numbers in `docs/benchmarks.md`.
+
+One network, one batch, one run, side by side:
+- `forward`: one jitted score evaluation `score_fn(x, t)`, the unit of the other rows;
+- PC sampler (reverse diffusion + Langevin, one compiled `fori_loop`): wall time per NFE in
+  forwards;
+- probability-flow ODE sampling: in-graph Tsit5 / Dopri5 (`scorejax.sampling.ode_sample`)
+  against the reference's way, `scipy.integrate.solve_ivp(method='RK45')` on the host
+  calling a jitted drift, at the same `rtol` / `atol` from the same prior sample: NFE and
+  wall time per NFE in forwards;
+- likelihood (`scorejax.likelihood.log_likelihood`, Rademacher, one JVP or one VJP carrying
+  the drift per NFE) against the reference's host loop (RK45; jitted drift, then the drift
+  again inside a jitted gradient for the divergence), same data, same Hutchinson noise: NFE,
+  wall time per NFE in forwards, and bits/dim of both.
+
+The network is the small DDPM++ of `tests/data/ddpmpp_small_config.json` (16x16x3, nf=32,
+VP SDE) built by `scorejax.models.make_model`, with every parameter perturbed by N(0, 0.02^2)
+so that the zero-initialised layers do not make the score trivial; if the models package
+cannot build it, a small Flax conv net defined here is used instead (the report says which).
+
+Usage:
+  python scripts/bench_sampling.py [--batch_size 8] [--pc_steps 100] [--rtol 1e-4]
+    [--atol 1e-4] [--no_write]
+"""
+
+import argparse
+import json
+import pathlib
+import platform
+import re
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy import integrate
+
+from scorejax import likelihood, sampling
+from scorejax import sde as sde_lib
+
+_BEGIN, _END = '<!-- bench_sampling:begin -->', '<!-- bench_sampling:end -->'
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+class _SmallConvNet(nn.Module):
+  """Fallback network: 3 conv layers with a sinusoidal time embedding added."""
+
+  features: int = 32
+
+  @nn.compact
+  def __call__(self, x, labels):
+    half = self.features // 2
+    freqs = jnp.exp(-jnp.log(10000.0) * jnp.arange(half) / (half - 1))
+    emb = labels[:, None] * freqs[None]
+    emb = nn.Dense(self.features)(jnp.concatenate([jnp.sin(emb), jnp.cos(emb)], -1))
+    h = nn.swish(nn.Conv(self.features, (3, 3))(x) + emb[:, None, None, :])
+    h = nn.swish(nn.Conv(self.features, (3, 3))(h))
+    return nn.Conv(x.shape[-1], (3, 3))(h)
+
+
+def _build_score_fn(sde, shape):
+  """Returns `(score_fn_builder, variables, description)` for the bench network.
+
+  Parameters are passed to every jitted function as arguments, never closed over: closed-over
+  arrays become constants of the program, which XLA CPU handles badly inside loops.
+  """
+  key = jax.random.key(0)
+  x = jnp.zeros(shape)
+  labels = jnp.zeros((shape[0],))
+  try:
+    from scorejax.models import make_model, make_score_fn
+
+    config = json.loads((_ROOT / 'tests' / 'data' / 'ddpmpp_small_config.json').read_text())
+    model = make_model(config)
+    variables = model.init(key, x, labels, train=False)
+    apply = lambda v, x, labels: model.apply(v, x, labels, train=False)
+    name = 'DDPM++ small (ddpmpp_small_config.json, make_model)'
+  except Exception as error:  # noqa: BLE001  (any failure: fall back, and say so)
+    from scorejax.models import make_score_fn
+
+    model = _SmallConvNet()
+    variables = model.init(key, x, labels)
+    apply = model.apply
+    name = f'fallback 3-layer conv net (make_model failed: {type(error).__name__})'
+  leaves, treedef = jax.tree.flatten(variables)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  leaves = [leaf + 0.02 * jax.random.normal(k, leaf.shape) for leaf, k in
+            zip(leaves, keys, strict=True)]
+  variables = jax.tree.unflatten(treedef, leaves)
+  count = sum(leaf.size for leaf in leaves)
+  builder = lambda v: make_score_fn(lambda x, labels: apply(v, x, labels), sde)
+  return builder, variables, f'{name}, {count:,} parameters'
+
+
+def _best_time(fn, repeats):
+  jax.block_until_ready(fn())  # compile
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return min(times), out
+
+
+def _scipy_ode_sample(builder, variables, sde, x0, rtol, atol, eps):
+  """The reference's ODE sampler: host RK45 around a jitted probability-flow drift."""
+  shape = x0.shape
+  drift_fn = jax.jit(
+      lambda v, x, t: sde.reverse(builder(v), probability_flow=True).sde(x, t)[0])
+
+  def ode_func(t, x):
+    x = jnp.asarray(x.reshape(shape), jnp.float32)
+    vec_t = jnp.full((shape[0],), t, jnp.float32)
+    return np.asarray(drift_fn(variables, x, vec_t)).reshape(-1)
+
+  ode_func(sde.T, np.asarray(x0))  # compile
+  start = time.perf_counter()
+  solution = integrate.solve_ivp(ode_func, (sde.T, eps), np.asarray(x0).reshape(-1),
+                                 rtol=rtol, atol=atol, method='RK45')
+  return time.perf_counter() - start, solution.nfev, solution.y[:, -1].reshape(shape)
+
+
+def _scipy_log_likelihood(builder, variables, sde, x, noise, rtol, atol, eps):
+  """The reference's likelihood: host RK45; drift, then the drift again inside a gradient."""
+  shape, batch = x.shape, x.shape[0]
+  drift = lambda v, x, t: sde.reverse(builder(v), probability_flow=True).sde(x, t)[0]
+  drift_fn = jax.jit(drift)
+
+  @jax.jit
+  def div_fn(v, x, t, noise):
+    grad = jax.grad(lambda y: jnp.sum(drift(v, y, t) * noise))(x)
+    return jnp.sum((grad * noise).reshape(batch, -1), axis=-1)
+
+  def ode_func(t, state):
+    sample = jnp.asarray(state[:-batch].reshape(shape), jnp.float32)
+    vec_t = jnp.full((batch,), t, jnp.float32)
+    drift_out = np.asarray(drift_fn(variables, sample, vec_t)).reshape(-1)
+    return np.concatenate([drift_out, np.asarray(div_fn(variables, sample, vec_t, noise))])
+
+  init = np.concatenate([np.asarray(x).reshape(-1), np.zeros(batch)])
+  ode_func(eps, init)  # compile
+  start = time.perf_counter()
+  solution = integrate.solve_ivp(ode_func, (eps, sde.T), init, rtol=rtol, atol=atol,
+                                 method='RK45')
+  elapsed = time.perf_counter() - start
+  z = jnp.asarray(solution.y[:-batch, -1].reshape(shape), jnp.float32)
+  logp = np.asarray(sde.prior_logp(z)) + solution.y[-batch:, -1]
+  return elapsed, solution.nfev, logp
+
+
+def run(args) -> tuple[str, list[list[str]]]:
+  sde = sde_lib.VPSDE()
+  shape = (args.batch_size, 16, 16, 3)
+  builder, variables, network = _build_score_fn(sde, shape)
+  key = jax.random.key(0)
+  x = jax.random.normal(key, shape)
+  t = jnp.full((shape[0],), 0.5)
+  forward = jax.jit(lambda v, x, t: builder(v)(x, t))
+  forward_s, _ = _best_time(lambda: forward(variables, x, t), 20)
+  rows = [['one jitted score evaluation (forward)', '1', f'{1e3 * forward_s:.2f}', '1.00', '']]
+  tol = dict(rtol=args.rtol, atol=args.atol)
+
+  pc_fn = sampling.make_pc_sampler(builder, sde, shape, n_steps=args.pc_steps)
+  pc_s, (_, pc_nfe) = _best_time(lambda: pc_fn(key, variables), args.repeats)
+  rows.append([f'PC sampler (reverse diffusion + Langevin, {args.pc_steps} steps)', f'{pc_nfe}',
+               f'{1e3 * pc_s:.0f}', f'{pc_s / pc_nfe / forward_s:.2f}', 'reference: 0.88'])
+
+  x_prior = sde.prior_sampling(jax.random.key(1), shape)
+  for method in ['tsit5', 'dopri5']:
+    ode_fn = sampling.make_ode_sampler(builder, sde, shape, method=method, **tol)
+    ode_s, (_, nfe) = _best_time(lambda f=ode_fn: f(jax.random.key(1), variables), args.repeats)
+    nfe = int(nfe)
+    rows.append([f'ODE sampler, in-graph {method}', f'{nfe}', f'{1e3 * ode_s:.0f}',
+                 f'{ode_s / nfe / forward_s:.2f}', ''])
+  ref_s, ref_nfe, _ = _scipy_ode_sample(builder, variables, sde, x_prior, eps=1e-3, **tol)
+  rows.append(['ODE sampler, host scipy RK45 (reference way)', f'{ref_nfe}', f'{1e3 * ref_s:.0f}',
+               f'{ref_s / ref_nfe / forward_s:.2f}', 'reference: 1.03'])
+
+  pixels = jax.random.randint(jax.random.key(2), shape, 0, 256) / 255.0
+  data = 2.0 * (255.0 * pixels + jax.random.uniform(jax.random.key(3), shape)) / 256.0 - 1.0
+  dim = np.prod(shape[1:])
+  to_bpd = lambda logp: float(np.mean(-np.asarray(logp) / (dim * np.log(2)) + 7.0))
+  lik_key = jax.random.key(4)
+  noise = jax.random.rademacher(lik_key, shape, jnp.float32)
+  bpds = {}
+  for product in ['jvp', 'vjp']:
+    lik_fn = jax.jit(lambda key, v, data, p=product: likelihood.log_likelihood(
+        key, builder(v), sde, data, jacobian_product=p, **tol))
+    lik_s, (logp, _, lik_nfe) = _best_time(lambda f=lik_fn: f(lik_key, variables, data),
+                                           args.repeats)
+    lik_nfe = int(lik_nfe)
+    bpds[product] = to_bpd(logp)
+    rows.append([f'likelihood, in-graph tsit5, Rademacher ({product.upper()} with the drift)',
+                 f'{lik_nfe}', f'{1e3 * lik_s:.0f}', f'{lik_s / lik_nfe / forward_s:.2f}',
+                 f'{bpds[product]:.4f} bpd'])
+  ref_s, ref_nfe, ref_logp = _scipy_log_likelihood(builder, variables, sde, data, noise,
+                                                   eps=1e-5, **tol)
+  ref_bpd = to_bpd(ref_logp)
+  diff = max(abs(b - ref_bpd) for b in bpds.values())
+  rows.append(['likelihood, host scipy RK45 (reference way)', f'{ref_nfe}', f'{1e3 * ref_s:.0f}',
+               f'{ref_s / ref_nfe / forward_s:.2f}',
+               f'{ref_bpd:.4f} bpd (max |diff| {diff:.4f}); reference: 3.0'])
+  return network, rows
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--batch_size', type=int, default=8)
+  parser.add_argument('--pc_steps', type=int, default=100)
+  parser.add_argument('--rtol', type=float, default=1e-4)
+  parser.add_argument('--atol', type=float, default=1e-4)
+  parser.add_argument('--repeats', type=int, default=2)
+  parser.add_argument('--no_write', action='store_true')
+  args = parser.parse_args()
+  jax.config.update('jax_default_matmul_precision', 'highest')
+  network, rows = run(args)
+  command = ('python scripts/bench_sampling.py '
+             f'--batch_size {args.batch_size} --pc_steps {args.pc_steps} '
+             f'--rtol {args.rtol:g} --atol {args.atol:g}')
+  lines = [
+      _BEGIN,
+      '## Sampling and likelihood (`scripts/bench_sampling.py`)',
+      '',
+      f'Machine: {platform.machine()}, {jax.device_count()} JAX CPU device, 2 CPU cores shared '
+      'with other jobs while measured (one run; ratios are taken within the run). '
+      f'Network: {network}; VP SDE; batch {args.batch_size} of 16x16x3; '
+      f'rtol = {args.rtol:g}, atol = {args.atol:g}. Command: `{command}`.',
+      '',
+      '"forwards / NFE" is wall time per score evaluation divided by one jitted forward; '
+      'NFE counts every evaluation of the score (in-graph: exact, `scorejax.ode`; scipy: '
+      '`nfev`).',
+      '',
+      '| case | NFE | wall ms | forwards / NFE | notes |',
+      '|---|---|---|---|---|',
+  ] + ['| ' + ' | '.join(row) + ' |' for row in rows] + [_END]
+  section = '\n'.join(lines)
+  print(section)
+  if args.no_write:
+    return
+  path = _ROOT / 'docs' / 'benchmarks.md'
+  text = path.read_text() if path.exists() else '# scorejax benchmarks\n'
+  if _BEGIN in text:
+    text = re.sub(re.escape(_BEGIN) + '.*?' + re.escape(_END), lambda _: section, text,
+                  flags=re.DOTALL)
+  else:
+    text = text.rstrip('\n') + '\n\n' + section + '\n'
+  path.write_text(text)
+
+
+if __name__ == '__main__':
+  main()
