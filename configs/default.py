@@ -85,7 +85,8 @@ def get_default_configs() -> ml_collections.ConfigDict:
   data.num_channels = 1  # image channels; for 2-D toys the data dimension
   data.centered = True  # data in [-1, 1] instead of [0, 1]
   data.random_flip = False  # horizontal flips (not for digits)
-  data.uniform_dequantization = False  # add U[0, 1) noise to pixel levels
+  data.uniform_dequantization = True  # add U[0, 1) noise to pixel levels (17 for digits): a
+  # continuous density, so bits/dim of dequantized test data is meaningful
   data.data_dir = ''  # tfds data_dir or image folder ('' = tfds default)
 
   # Model (score_sde names; read by scorejax.models.make_model).
