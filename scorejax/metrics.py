@@ -41,15 +41,20 @@ def _sqrtm_psd(matrix: np.ndarray) -> np.ndarray:
 def trace_sqrt_product(cov1: np.ndarray, cov2: np.ndarray) -> float:
   """Returns `tr sqrt(cov1 cov2)` for covariances `[D, D]`, in float64.
 
-  `cov1 cov2` is similar to the symmetric PSD matrix `sqrt(cov1) cov2 sqrt(cov1)`, so its
-  eigenvalues are real and non-negative; taking them from the symmetric form avoids the
-  complex round-off that a general `sqrtm(cov1 @ cov2)` produces for near-singular
+  `cov1 cov2` is similar to the symmetric PSD matrix `A^T cov2 A` for any factor
+  `cov1 = A A^T` (Cholesky when `cov1` is positive definite, else its symmetric square root),
+  so its eigenvalues are real and non-negative; taking them from the symmetric form avoids
+  the complex round-off that a general `sqrtm(cov1 @ cov2)` produces for near-singular
   covariances (the case pytorch-fid handles with an eps offset).
   """
   cov1 = np.asarray(cov1, np.float64)
   cov2 = np.asarray(cov2, np.float64)
-  sqrt_cov1 = _sqrtm_psd((cov1 + cov1.T) / 2)
-  inner = sqrt_cov1 @ cov2 @ sqrt_cov1
+  cov1 = (cov1 + cov1.T) / 2
+  try:
+    factor = np.linalg.cholesky(cov1)
+  except np.linalg.LinAlgError:  # singular (e.g. fewer samples than dimensions)
+    factor = _sqrtm_psd(cov1)
+  inner = factor.T @ cov2 @ factor
   eigvals = np.linalg.eigvalsh((inner + inner.T) / 2)
   return float(np.sum(np.sqrt(np.clip(eigvals, 0.0, None))))
 
