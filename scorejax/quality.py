@@ -28,6 +28,18 @@ FeatureFn = Callable[[np.ndarray], dict[str, np.ndarray]]
 SHARD_PATTERN = re.compile(r'samples_(\d+)\.npz$')
 
 
+def make_inception_feature_fn(inception_path: str | None, **kwargs) -> FeatureFn:
+  """The jitted, data-parallel FID Inception from converted weights (`eval.inception_path`).
+
+  Raises:
+    FileNotFoundError: one line naming the missing file, the config field / env var and
+      how to get the weights, when there is no file.
+  """
+  from scorejax import inception, inception_weights  # heavy module, only when needed
+
+  return inception.make_feature_fn(inception_weights.load_variables(inception_path), **kwargs)
+
+
 def load_reference_stats(path: str | pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
   """Reads reference statistics `(mu [D], sigma [D, D])` from an `.npz`.
 

@@ -94,3 +94,14 @@ def test_lowdim_metrics_separate_good_from_bad_samples():
   assert good_metrics['swd'] < 0.1 < 0.5 < bad_metrics['swd']
   assert abs(good_metrics['mmd']) < 0.01 < 0.1 < bad_metrics['mmd']
   np.testing.assert_allclose(good_metrics['nll'], np.log(2 * np.pi * np.e), rtol=0.03)
+
+
+def test_missing_inception_weights_fail_with_one_line(tmp_path, monkeypatch):
+  monkeypatch.delenv('SCOREJAX_INCEPTION_PATH', raising=False)
+  with pytest.raises(FileNotFoundError) as error:
+    quality.make_inception_feature_fn(str(tmp_path / 'inception_fid.npz'))
+  message = str(error.value)
+  assert '\n' not in message
+  for needle in ('inception_fid.npz', 'eval.inception_path', 'SCOREJAX_INCEPTION_PATH',
+                 'convert_inception.py', 'pt_inception-2015-12-05'):
+    assert needle in message
