@@ -105,3 +105,26 @@ def test_missing_inception_weights_fail_with_one_line(tmp_path, monkeypatch):
   for needle in ('inception_fid.npz', 'eval.inception_path', 'SCOREJAX_INCEPTION_PATH',
                  'convert_inception.py', 'pt_inception-2015-12-05'):
     assert needle in message
+
+
+def test_fid_stats_script_on_digits(tmp_path, monkeypatch, capsys):
+  import importlib.resources
+  import sys
+
+  from scorejax import digits_classifier
+
+  sys.path.insert(0, str(importlib.resources.files('scorejax').parent / 'scripts'))
+  import fid_stats
+
+  out = tmp_path / 'digits_test_stats.npz'
+  monkeypatch.setattr(sys, 'argv', ['fid_stats.py', 'compute', '--dataset', 'digits', '--split',
+                                    'test', '--image_size', '16', '--out', str(out)])
+  fid_stats.main()
+  evaluator = digits_classifier.load_evaluator()
+  np.savez(tmp_path / 'ref.npz', mu=evaluator.ref_mu, sigma=evaluator.ref_sigma)
+  monkeypatch.setattr(sys, 'argv', ['fid_stats.py', 'compare', str(out), str(tmp_path / 'ref.npz')])
+  capsys.readouterr()
+  fid_stats.main()
+  printed = float(capsys.readouterr().out.split()[-1])
+  images, _ = digits_classifier.digits_with_labels('test')
+  np.testing.assert_allclose(printed, evaluator.metrics(images)['digits_fid'], atol=1e-3)
