@@ -120,10 +120,21 @@ def test_train_sample_eval_on_smoke_config(tmp_path):
   again = np.load(run_sample.run(config, str(tmp_path))['path'])['samples']
   np.testing.assert_array_equal(first, again)  # same seed and checkpoint, same samples
 
-  eval_config = load_config(**{'eval.enable_bpd': False})
-  results = run_eval.run(eval_config, str(tmp_path))
+  results = run_eval.run(config, str(tmp_path))
   assert results[0]['step'] == 20 and np.isfinite(results[0]['eval_loss'])
+  # 2-D data: NLL (nats) by the exact-divergence ODE, beside the toy's true NLL. Their
+  # difference estimates KL(data || model) >= 0 from 16 test points; with a log-ratio std
+  # below 2 nats, two standard errors are 1 nat.
+  assert np.isfinite(results[0]['nll']) and results[0]['nll_nfe'] > 0
+  assert results[0]['nll'] > results[0]['true_nll'] - 1.0
   assert read_jsonl(tmp_path / 'eval' / 'metrics.jsonl')[-1]['step'] == 20
+
+
+@pytest.mark.parametrize('dataset, centered, expected', [
+    ('digits', True, np.log2(17) - 1.0), ('cifar10', True, 7.0), ('cifar10', False, 8.0)])
+def test_bits_per_dim_offset(dataset, centered, expected):
+  config = load_config('default', **{'data.dataset': dataset, 'data.centered': centered})
+  assert run_eval.bits_per_dim_offset(config) == pytest.approx(expected)
 
 
 def test_resume_gives_identical_parameters(tmp_path):
