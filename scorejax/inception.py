@@ -50,9 +50,10 @@ def resize_matrix(in_size: int, out_size: int, half_pixel: bool) -> np.ndarray:
   Args:
     in_size: input length.
     out_size: output length.
-    half_pixel: `False` for TF1's legacy `resize_bilinear` (`src = i * in / out`, used by
-      the TF FID graph and TF-GAN), `True` for half-pixel centers clamped at 0
-      (`src = (i + 0.5) * in / out - 0.5`, PyTorch `align_corners=False`, pytorch-fid).
+    half_pixel: `False` for TF1's legacy `resize_bilinear` (`src = i * in / out`, the op of
+      TF1-era FID graphs), `True` for half-pixel centers clamped at 0
+      (`src = (i + 0.5) * in / out - 0.5`: PyTorch `align_corners=False` as in pytorch-fid,
+      TF2 `tf.image.resize`).
 
   Returns:
     The float64 matrix `W` such that `resized = W @ signal`.
