@@ -72,6 +72,8 @@ def get_default_configs() -> ml_collections.ConfigDict:
   evaluate.bpd_dataset = 'test'  # split for bits/dim
   evaluate.bpd_num_batches = 2  # test batches for bits/dim (0 = the whole split)
   evaluate.bpd_num_repeats = 1  # repeats with fresh dequantization / Hutchinson noise
+  evaluate.bpd_estimator = 'auto'  # divergence: 'exact' | 'rademacher' | 'gaussian' |
+  # 'auto' (exact up to 16 dimensions, else rademacher)
   evaluate.loss_num_batches = 0  # test batches for the loss (0 = the whole split)
   evaluate.rtol = 1e-5  # likelihood ODE relative tolerance
   evaluate.atol = 1e-5  # likelihood ODE absolute tolerance

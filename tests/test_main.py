@@ -129,6 +129,11 @@ def test_train_sample_eval_on_smoke_config(tmp_path):
   assert results[0]['nll'] > results[0]['true_nll'] - 1.0
   assert read_jsonl(tmp_path / 'eval' / 'metrics.jsonl')[-1]['step'] == 20
 
+  # Watching: every periodic checkpoint not yet in eval/metrics.jsonl, then stop at n_iters.
+  watch = load_config(**{'eval.watch': True, 'eval.enable_bpd': False, 'eval.watch_timeout': 30})
+  assert [r['step'] for r in run_eval.run(watch, str(tmp_path))] == [10]
+  assert [r['step'] for r in read_jsonl(tmp_path / 'eval' / 'metrics.jsonl')] == [20, 10]
+
 
 @pytest.mark.parametrize('dataset, centered, expected', [
     ('digits', True, np.log2(17) - 1.0), ('cifar10', True, 7.0), ('cifar10', False, 8.0)])
