@@ -241,6 +241,11 @@ def run(config, workdir: str) -> dict:
       n = min(training.n_jitted_steps, training.n_iters - step)
       batch = distributed.global_batch(_stack([next(iterator) for _ in range(n)]),
                                        stacked_batch, batch_axis=1)
+      if pending:
+        # One step in flight at a time: the next batch was read while the last step ran,
+        # and the CPU backend's cross-device all-reduces were seen to deadlock with
+        # hundreds of queued steps (XLA rendezvous timeout).
+        jax.block_until_ready(pending[-1]['loss'])
       state, metrics = train_step(state, batch, train_key)
       pending.append(metrics)
       previous, step = step, step + n
