@@ -45,6 +45,13 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Index of this process (m
 flags.mark_flags_as_required(['workdir'])
 
 
+def _fail(error: BaseException) -> None:
+  """Reports an error that stops the run on one line and exits with status 1."""
+  logging.error('%s: %s', type(error).__name__, error)
+  sys.stderr.write(f'main.py: error: {error}\n')
+  sys.exit(1)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -69,21 +76,26 @@ def main(argv):
     logging.info(message)
   logging.info('JAX %s: %s', jax.__version__, distributed.describe_devices())
   logging.info('mode=%s workdir=%s config:\n%s', _MODE.value, workdir, config)
-  if jax.process_index() == 0:
-    workdir.mkdir(parents=True, exist_ok=True)
-    name = 'config.json' if _MODE.value == 'train' else f'config_{_MODE.value}.json'
-    (workdir / name).write_text(json.dumps(json.loads(config.to_json_best_effort()), indent=2))
-
   from scorejax import run_eval, run_sample, run_train
   from scorejax.datasets import DatasetNotPreparedError
 
-  runners = {'train': run_train.run, 'eval': run_eval.run, 'sample': run_sample.run}
+  modules = {'train': run_train, 'eval': run_eval, 'sample': run_sample}
+  runner = modules[_MODE.value]
+  errors = (run_train.TrainingError, DatasetNotPreparedError, FileNotFoundError)
   try:
-    result = runners[_MODE.value](config, str(workdir))
-  except (run_train.TrainingError, DatasetNotPreparedError, FileNotFoundError) as error:
-    logging.error('%s: %s', type(error).__name__, error)
-    sys.stderr.write(f'main.py: error: {error}\n')
-    sys.exit(1)
+    # Inputs first (data prepared, checkpoint found, metric files present, consistent
+    # settings), so a run that cannot start leaves no trace in the workdir.
+    runner.validate(config, str(workdir))
+  except (*errors, ValueError) as error:
+    _fail(error)
+  try:
+    if jax.process_index() == 0:
+      workdir.mkdir(parents=True, exist_ok=True)
+      name = 'config.json' if _MODE.value == 'train' else f'config_{_MODE.value}.json'
+      (workdir / name).write_text(json.dumps(json.loads(config.to_json_best_effort()), indent=2))
+    result = runner.run(config, str(workdir))
+  except errors as error:
+    _fail(error)
   logging.info('%s finished: %s', _MODE.value, result)
 
 

@@ -67,8 +67,13 @@ def get_default_configs() -> ml_collections.ConfigDict:
   evaluate.batch_size = 128  # test-split batch size for the loss and bits/dim
   evaluate.enable_loss = True  # the training loss on the test split
   evaluate.enable_bpd = True  # bits/dim through the probability-flow ODE likelihood
-  evaluate.enable_sampling = False  # sample-quality metrics (FID / KID / IS, when available)
-  evaluate.num_samples = 1000  # samples for the sample-quality metrics
+  evaluate.enable_sampling = True  # sample-quality metrics: digits-FID / IS (digits), FID /
+  # IS / KID (images; needs inception_path and fid_stats_path), SWD / MMD / NLL (2-D toys)
+  evaluate.num_samples = 512  # samples for the sample-quality metrics (50000 for papers)
+  evaluate.inception_path = ''  # converted FID Inception weights (.npz, see
+  # docs/evaluation.md); '' = env SCOREJAX_INCEPTION_PATH
+  evaluate.fid_stats_path = ''  # reference statistics (.npz: mu/sigma or pool_3) of the
+  # training set for FID / KID of image datasets (scripts/fid_stats.py)
   evaluate.bpd_dataset = 'test'  # split for bits/dim
   evaluate.bpd_num_batches = 2  # test batches for bits/dim (0 = the whole split)
   evaluate.bpd_num_repeats = 1  # repeats with fresh dequantization / Hutchinson noise

@@ -6,7 +6,9 @@ sampler), as reported by Song et al. 2021 (ICLR), Tables 2-3, and the score_sde 
 
   python main.py --config=configs/smld_cifar.py --workdir=runs/smld_cifar
   python main.py --config=configs/smld_cifar.py --workdir=runs/smld_cifar \\
-      --mode=eval --config.eval.enable_bpd=True --config.eval.enable_sampling=True
+      --mode=eval --config.eval.enable_bpd=True --config.eval.enable_sampling=True \\
+      --config.eval.inception_path=inception_fid.npz \\
+      --config.eval.fid_stats_path=cifar10_train_stats.npz
 
 Needs a prepared tfds `cifar10` (see `configs/cifar10_common.py`) and accelerators.
 """

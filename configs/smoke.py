@@ -32,6 +32,7 @@ def get_config():
 
   evaluate = config.eval
   evaluate.batch_size = 16
+  evaluate.num_samples = 32
   evaluate.bpd_num_batches = 1
   evaluate.loss_num_batches = 2
   evaluate.rtol = 1e-3

@@ -7,7 +7,9 @@ steps, batch 128, FID over 50k samples).
 
   python main.py --config=configs/subvp_cifar_deep.py --workdir=runs/subvp_cifar_deep
   python main.py --config=configs/subvp_cifar_deep.py --workdir=runs/subvp_cifar_deep \\
-      --mode=eval --config.eval.enable_bpd=True --config.eval.enable_sampling=True
+      --mode=eval --config.eval.enable_bpd=True --config.eval.enable_sampling=True \\
+      --config.eval.inception_path=inception_fid.npz \\
+      --config.eval.fid_stats_path=cifar10_train_stats.npz
 
 Needs a prepared tfds `cifar10` (see `configs/cifar10_common.py`) and accelerators.
 """

@@ -40,6 +40,7 @@ def get_config():
   evaluate = config.eval
   evaluate.batch_size = 8
   evaluate.enable_bpd = False
+  evaluate.enable_sampling = False  # FID needs inception_path and fid_stats_path
 
   data = config.data
   data.dataset = 'celebahq'

@@ -6,7 +6,9 @@ Tables 2-3, and the score_sde README (1.3M steps, batch 128, FID over 50k sample
 
   python main.py --config=configs/ve_cifar.py --workdir=runs/ve_cifar
   python main.py --config=configs/ve_cifar.py --workdir=runs/ve_cifar \\
-      --mode=eval --config.eval.enable_bpd=True --config.eval.enable_sampling=True
+      --mode=eval --config.eval.enable_bpd=True --config.eval.enable_sampling=True \\
+      --config.eval.inception_path=inception_fid.npz \\
+      --config.eval.fid_stats_path=cifar10_train_stats.npz
 
 Needs a prepared tfds `cifar10` (see `configs/cifar10_common.py`) and accelerators.
 """

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from scorejax import datasets, sampling
+from scorejax import datasets, distributed, sampling
 from scorejax import sde as sde_lib
 from scorejax.models import make_score_fn
 from scorejax.train import LossFn
@@ -46,11 +46,18 @@ def is_toy(config: ConfigDict) -> bool:
 def make_data(
     config: ConfigDict, split: str, batch_size: int, *, num_epochs: int | None = None,
     shuffle: bool = True, seed: int | None = None, uniform_dequantization: bool | None = None,
+    num_threads: int | None = None,
 ) -> datasets.Dataset:
   """The per-host input pipeline of `split` with the config's data settings.
 
   `seed` and `uniform_dequantization`, when given, replace the config's values.
+  In-memory datasets (2-D toys, digits) are read in the caller's thread by default
+  (`num_threads=0`): their batches cost well under a train step, and prefetch threads
+  would only compete with XLA for the CPU cores; files (tfds, image folders) use grain's
+  reader threads.
   """
+  if num_threads is None and is_in_memory(config):
+    num_threads = 0
   if uniform_dequantization is None:
     uniform_dequantization = config.data.uniform_dequantization
   return datasets.make_dataset(
@@ -66,7 +73,13 @@ def make_data(
       num_epochs=num_epochs,
       shuffle=shuffle,
       num_channels=None if is_toy(config) else config.data.num_channels,
+      num_threads=num_threads,
   )
+
+
+def is_in_memory(config: ConfigDict) -> bool:
+  """Whether `data.dataset` is generated or embedded (toys, digits) rather than read."""
+  return datasets.DATASETS.get(config.data.dataset.lower()) in ('toy', 'embedded')
 
 
 def init_params(model, key: jax.Array, element_shape: tuple[int, ...]) -> Params:
@@ -111,15 +124,18 @@ def make_loss_fn(config: ConfigDict, model, sde: sde_lib.SDE, *, train: bool = T
 
 
 def make_sampler(
-    config: ConfigDict, model, sde: sde_lib.SDE, shape: tuple[int, ...]
+    config: ConfigDict, model, sde: sde_lib.SDE, shape: tuple[int, ...],
+    builder: Callable[[Params], Callable] | None = None,
 ) -> Callable[[jax.Array, Params], tuple[jax.Array, Any]]:
   """The configured sampler as a compiled `sample_fn(key, params) -> (samples, nfe)`.
+
+  `builder` (`params -> score_fn`) replaces the model's `score_fn_builder`.
 
   Raises:
     ValueError: for an unknown `sampling.method` (listing the valid ones).
   """
   s = config.sampling
-  builder = score_fn_builder(model, sde, config.training.continuous)
+  builder = builder or score_fn_builder(model, sde, config.training.continuous)
   n_steps = s.num_steps or None
   if s.method.lower() == 'pc':
     return sampling.make_pc_sampler(
@@ -135,10 +151,73 @@ def make_sampler(
   raise ValueError(f"unknown sampling.method {s.method!r}; valid choices: ['ode', 'pc']")
 
 
+def sharded_batch_size(batch_size: int, mesh: jax.sharding.Mesh | None = None) -> int:
+  """`batch_size` rounded up to a multiple of the mesh's device count."""
+  count = (mesh or distributed.make_mesh()).size
+  return -(-batch_size // count) * count
+
+
+def make_sharded_sampler(
+    config: ConfigDict, model, sde: sde_lib.SDE, batch_size: int,
+    mesh: jax.sharding.Mesh | None = None,
+) -> Callable[[jax.Array, Params], tuple[jax.Array, Any]]:
+  """The configured sampler with its batch split over the `('data',)` mesh.
+
+  `sample_fn(key, params) -> (samples [batch_size, ...], nfe)`: parameters and key are
+  replicated, and every score evaluation is constrained to the batch sharding, so each
+  device integrates its own rows (the adaptive ODE's error norm is an all-reduce). The
+  prior noise is a function of the key alone (JAX's random numbers do not depend on the
+  sharding), so a seed gives the same samples on any number of devices, up to float
+  reassociation in the network.
+
+  Args:
+    config: the experiment config (`sampling.*`).
+    model: the score network.
+    sde: the forward SDE.
+    batch_size: samples per call; a multiple of the mesh size (see `sharded_batch_size`).
+    mesh: the device mesh (default: every device, `distributed.make_mesh()`).
+
+  Raises:
+    ValueError: if `batch_size` does not split over the mesh, or for an unknown method.
+  """
+  mesh = mesh or distributed.make_mesh()
+  if batch_size % mesh.size:
+    raise ValueError(f'sampling batch {batch_size} must be a multiple of the {mesh.size} devices')
+  rows = distributed.batch_sharding(mesh)
+  replicated = distributed.replicated_sharding(mesh)
+  builder = score_fn_builder(model, sde, config.training.continuous)
+
+  def sharded_builder(params):
+    score_fn = builder(params)
+
+    def constrained(x, t):
+      x = jax.lax.with_sharding_constraint(x, rows)
+      t = jax.lax.with_sharding_constraint(t, rows)
+      return jax.lax.with_sharding_constraint(score_fn(x, t), rows)
+
+    return constrained
+
+  sampler = make_sampler(config, model, sde, (batch_size, *element_shape(config)),
+                         builder=sharded_builder)
+  return jax.jit(sampler, in_shardings=(replicated, replicated),
+                 out_shardings=(rows, replicated))
+
+
 def host_array(x: jax.Array) -> np.ndarray:
   """A numpy copy of a replicated (or fully addressable) array, on any process."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     return np.asarray(x.addressable_data(0))
+  return np.asarray(x)
+
+
+def gather_array(x: jax.Array) -> np.ndarray:
+  """The whole value of a (possibly batch-sharded, multi-process) array, on every process."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    if x.sharding.is_fully_replicated:
+      return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)
 
 
@@ -166,7 +245,7 @@ def draw_samples(
   chunks, nfes = [], []
   for index in range(math.ceil(num_samples / batch_size)):
     samples, nfe = sample_fn(jax.random.fold_in(key, index), params)
-    chunks.append(host_array(samples))
+    chunks.append(gather_array(samples))
     nfes.append(int(host_array(jnp.asarray(nfe))))
     if progress is not None:
       progress(len(chunks[-1]))

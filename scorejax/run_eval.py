@@ -11,8 +11,10 @@ Evaluators (enabled by config):
             ODE likelihood, with uniform dequantization and `eval.bpd_num_repeats`
             repeats (the paper's protocol); for 2-D data the NLL in nats, beside the
             true NLL of the toy distribution.
-  'samples' (`eval.enable_sampling`): `eval.num_samples` samples saved to
-            `eval/samples_<step>.npz`, then the sample-quality metrics of `metrics.py`.
+  'samples' (`eval.enable_sampling`): `eval.num_samples` samples drawn over all devices
+            into resumable shards `eval/ckpt_<step>/samples_<k>.npz`, then their quality:
+            digits-FID / IS for digits, FID / IS / KID (Inception) for images, sliced
+            Wasserstein / MMD / true-density NLL for 2-D toys (`run_eval_samples`).
 
 To add a metric: write `fn(context: EvalContext) -> dict[str, float]`, add it to
 `EVALUATORS` and to `enabled_evaluators`.
@@ -36,12 +38,15 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from scorejax import checkpoints, run_common, toy_data
+from scorejax import checkpoints, run_common, run_eval_samples, toy_data
 from scorejax import sde as sde_lib
 from scorejax.logging_utils import MetricWriter, read_jsonl
 from scorejax.models import make_model
 
 EVAL_MODE_STREAM = 5  # fold_in constant of the eval-mode key
+# Headline numbers printed after each checkpoint.
+SUMMARY_KEYS = ('eval_loss', 'bpd', 'bpd_median', 'nll', 'true_nll', 'digits_fid', 'digits_is',
+                'fid', 'inception_score', 'kid', 'sample_swd', 'sample_mmd', 'sample_nll')
 
 
 @dataclasses.dataclass
@@ -138,26 +143,10 @@ def evaluate_bpd(context: EvalContext) -> dict[str, float]:
           'bpd_nfe': float(np.mean(nfes)), 'bpd_examples': len(values)}
 
 
-def evaluate_samples(context: EvalContext) -> dict[str, float]:
-  """Draws `eval.num_samples` samples and saves them (sample-quality metrics hook here)."""
-  config = context.config
-  shape = (min(config.sampling.batch_size, config.eval.num_samples),
-           *run_common.element_shape(config))
-  sample_fn = run_common.make_sampler(config, context.model, context.sde, shape)
-  samples, nfes = run_common.draw_samples(sample_fn, context.key, context.params,
-                                          config.eval.num_samples, shape[0])
-  data = run_common.to_data_range(config, samples)
-  if jax.process_index() == 0:
-    directory = context.workdir / 'eval'
-    directory.mkdir(parents=True, exist_ok=True)
-    np.savez(directory / f'samples_{context.step}.npz', samples=data.astype(np.float32))
-  return {'sample_nfe': float(np.mean(nfes)), 'num_samples': len(data)}
-
-
 EVALUATORS: dict[str, Callable[[EvalContext], dict[str, float]]] = {
     'loss': evaluate_loss,
     'bpd': evaluate_bpd,
-    'samples': evaluate_samples,
+    'samples': run_eval_samples.evaluate_samples,
 }
 
 
@@ -184,6 +173,10 @@ def evaluate_checkpoint(config, workdir: pathlib.Path, model, sde, source, step:
                  {k: v for k, v in results.items() if not k.endswith('_seconds')})
   writer.write_scalars(step, results)
   writer.flush()
+  summary = ', '.join(f'{k}={results[k]:.4g}' for k in SUMMARY_KEYS if k in results)
+  logging.info('eval of step %d: %s', step, summary)
+  if jax.process_index() == 0:
+    print(f'eval step {step}: {summary}', flush=True)
   return {'step': step, **results}
 
 
@@ -193,6 +186,25 @@ def _periodic_steps(workdir: pathlib.Path) -> list[int]:
     return []
   return sorted(int(p.name) for p in directory.iterdir()
                 if p.name.isdigit() and (p / 'state').is_dir())
+
+
+def validate(config, workdir: str) -> None:
+  """Fails before anything is written when an input of the evaluation is missing.
+
+  Checks the checkpoint (unless watching for new ones), the test split (loss, bits/dim)
+  and the Inception weights / reference statistics of image sample metrics.
+
+  Raises:
+    FileNotFoundError: a missing checkpoint or metrics file (one line).
+    DatasetNotPreparedError: the data is not available locally.
+  """
+  run_eval_samples.validate(config)
+  if config.eval.enable_loss or config.eval.enable_bpd:
+    run_common.make_data(config, 'test', config.eval.batch_size, num_epochs=1, shuffle=False)
+  if not config.eval.watch:
+    source = pathlib.Path(config.sampling.checkpoint) if config.sampling.checkpoint else \
+        pathlib.Path(workdir)
+    checkpoints.find_step_dir(source, config.sampling.checkpoint_step or None)
 
 
 def run(config, workdir: str) -> list[dict]:

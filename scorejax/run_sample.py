@@ -3,7 +3,8 @@
 Restores the newest checkpoint of the workdir (or `sampling.checkpoint` /
 `sampling.checkpoint_step`), with the EMA parameters unless `sampling.use_ema=False`,
 and draws `sampling.num_samples` samples with the configured sampler (`sampling.method`
-'pc' or 'ode' and their options) in batches of `sampling.batch_size`. Writes
+'pc' or 'ode' and their options) in batches of `sampling.batch_size` (rounded up to a
+multiple of the device count), each batch split over all devices. Writes
 `samples/samples_<step>.npz` (array `samples`: images NHWC float32 in [0, 1], 2-D data in
 its own coordinates; `nfe`: score evaluations per batch) and `samples/samples_<step>.png`.
 The same seed and checkpoint give the same samples. Checkpoints written by the
@@ -25,9 +26,24 @@ from scorejax.models import make_model
 SAMPLE_MODE_STREAM = 4  # fold_in constant of the sample-mode key (distinct from training's)
 
 
+def checkpoint_source(config, workdir: pathlib.Path) -> pathlib.Path:
+  """Where inference reads parameters: `sampling.checkpoint`, else the workdir."""
+  return pathlib.Path(config.sampling.checkpoint) if config.sampling.checkpoint else workdir
+
+
+def validate(config, workdir: str) -> None:
+  """Fails before anything is written when the checkpoint to sample from is missing.
+
+  Raises:
+    FileNotFoundError: no such checkpoint (one line naming where it looked).
+  """
+  checkpoints.find_step_dir(checkpoint_source(config, pathlib.Path(workdir)),
+                            config.sampling.checkpoint_step or None)
+
+
 def restore_for_inference(config, workdir: pathlib.Path):
   """`(params, step)` of the checkpoint named by `sampling.checkpoint*` (or the newest)."""
-  source = pathlib.Path(config.sampling.checkpoint) if config.sampling.checkpoint else workdir
+  source = checkpoint_source(config, workdir)
   params, step = checkpoints.restore_params(
       source, config.sampling.checkpoint_step or None, use_ema=config.sampling.use_ema
   )
@@ -42,9 +58,9 @@ def run(config, workdir: str) -> dict:
   params, step = restore_for_inference(config, workdir)
   sde = run_common.make_sde(config)
   model = make_model(config)
-  batch_size = min(config.sampling.batch_size, config.sampling.num_samples)
-  shape = (batch_size, *run_common.element_shape(config))
-  sample_fn = run_common.make_sampler(config, model, sde, shape)
+  batch_size = run_common.sharded_batch_size(
+      min(config.sampling.batch_size, config.sampling.num_samples))
+  sample_fn = run_common.make_sharded_sampler(config, model, sde, batch_size)
   key = jax.random.fold_in(jax.random.key(config.seed), SAMPLE_MODE_STREAM)
   is_main = jax.process_index() == 0
   with tqdm.tqdm(total=config.sampling.num_samples, desc='sample', unit='img',

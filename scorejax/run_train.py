@@ -125,6 +125,20 @@ def write_loss_curve(workdir: pathlib.Path) -> None:
                      [r['loss'] for r in records], log_y=True)
 
 
+def validate(config, workdir: str) -> None:
+  """Fails before anything is written on bad frequencies or data that is not prepared.
+
+  Raises:
+    ValueError: inconsistent frequencies or batch size.
+    DatasetNotPreparedError: the data is not available locally (says how to prepare it).
+  """
+  del workdir
+  _check_frequencies(config.training)
+  distributed.process_batch_slice(config.training.batch_size)
+  for split in ('train', 'test'):
+    run_common.make_data(config, split, config.training.batch_size)
+
+
 def run(config, workdir: str) -> dict:
   """Trains (or resumes) the model of `config` in `workdir`.
 
@@ -187,9 +201,8 @@ def run(config, workdir: str) -> dict:
     snapshot_count = min(snapshot_count, 64)
   sampler = None
   if training.snapshot_sampling:
-    sampler = run_common.make_sampler(
-        config, model, sde, (snapshot_count, *train_data.element_shape)
-    )
+    sampler = run_common.make_sharded_sampler(
+        config, model, sde, run_common.sharded_batch_size(snapshot_count, mesh), mesh)
   score_builder = run_common.score_fn_builder(model, sde, training.continuous)
 
   writer = MetricWriter(workdir)
@@ -269,7 +282,7 @@ def run(config, workdir: str) -> dict:
             t_small = max(config.sampling.eps, 0.01)
             score = score_builder(ema)
             score_fn = lambda x, s=score, t=t_small: s(x, np.full((len(x),), t, np.float32))
-          samples = run_common.host_array(samples)
+          samples = run_common.gather_array(samples)[:snapshot_count]
           write_snapshot(config, workdir / 'samples', f'step_{step}', samples, score_fn)
           if not run_common.is_toy(config):
             writer.write_image(step, 'samples',

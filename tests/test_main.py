@@ -81,13 +81,22 @@ def test_bad_config_override_fails_with_one_line(tmp_path, override, expected):
 
 
 def test_config_overrides_are_applied_and_written(tmp_path):
-  result = run_main(f'--workdir={tmp_path}', '--config=configs/smoke.py', '--mode=sample',
-                    '--config.sampling.num_samples=3', check=False, timeout=120)
-  # No checkpoint yet: a clear error, after the resolved config was written.
-  assert result.returncode == 1 and 'no checkpoint under' in result.stderr
-  written = json.loads((tmp_path / 'config_sample.json').read_text())
+  # Watching needs no checkpoint yet: the resolved config is written, then it waits 0 s.
+  run_main(f'--workdir={tmp_path}', '--config=configs/smoke.py', '--mode=eval',
+           '--config.eval.watch=True', '--config.eval.watch_timeout=0',
+           '--config.sampling.num_samples=3', timeout=120)
+  written = json.loads((tmp_path / 'config_eval.json').read_text())
   assert written['sampling']['num_samples'] == 3
   assert written['data']['dataset'] == 'two_moons'
+
+
+def test_missing_checkpoint_fails_before_writing(tmp_path):
+  workdir = tmp_path / 'run'
+  result = run_main(f'--workdir={workdir}', '--config=configs/smoke.py', '--mode=sample',
+                    check=False, timeout=120)
+  assert result.returncode == 1 and 'Traceback' not in result.stderr
+  assert result.stderr.strip().splitlines()[-1].startswith('main.py: error: no checkpoint under')
+  assert not workdir.exists()
 
 
 def test_default_config_is_the_digits_model():
@@ -122,6 +131,12 @@ def test_train_sample_eval_on_smoke_config(tmp_path):
 
   results = run_eval.run(config, str(tmp_path))
   assert results[0]['step'] == 20 and np.isfinite(results[0]['eval_loss'])
+  # Sample quality of 2-D data: 32 samples in two shards of 16 (eval/ckpt_20/).
+  assert results[0]['sample_shards_drawn'] == 2 and results[0]['num_samples'] == 32
+  assert results[0]['sample_nfe'] == 20
+  for name in ('sample_swd', 'sample_mmd', 'sample_nll'):
+    assert np.isfinite(results[0][name]), name
+  assert len(list((tmp_path / 'eval' / 'ckpt_20').glob('samples_*.npz'))) == 2
   # 2-D data: NLL (nats) by the exact-divergence ODE, beside the toy's true NLL. Their
   # difference estimates KL(data || model) >= 0 from 16 test points; with a log-ratio std
   # below 2 nats, two standard errors are 1 nat.
@@ -175,6 +190,22 @@ def test_unprepared_tfds_dataset_gives_clear_message(tmp_path):
   assert result.returncode == 1
   assert 'Traceback' not in result.stderr
   assert 'tfds build cifar10' in result.stderr
+  assert not (tmp_path / 'run').exists()  # validated before anything is written
+
+
+def test_missing_inception_weights_fail_at_start_up(tmp_path):
+  workdir = tmp_path / 'run'
+  env = {'SCOREJAX_INCEPTION_PATH': ''}
+  result = run_main(f'--workdir={workdir}', '--config=configs/vp_cifar.py', '--mode=eval',
+                    '--config.eval.enable_sampling=True',
+                    f'--config.eval.inception_path={tmp_path / "inception_fid.npz"}',
+                    check=False, timeout=120, env=env)
+  assert result.returncode == 1 and 'Traceback' not in result.stderr
+  line = result.stderr.strip().splitlines()[-1]
+  assert line.startswith('main.py: error: Inception weights not found at')
+  assert 'inception_fid.npz' in line and 'eval.inception_path' in line
+  assert 'convert_inception.py' in line
+  assert not workdir.exists()
 
 
 # ------------------------------------------------------------------------- subprocesses

@@ -1,0 +1,165 @@
+"""Sample-quality evaluation of one checkpoint, for the eval driver (`eval.enable_sampling`).
+
+Draws `eval.num_samples` samples with the configured sampler, split over all devices, in
+shards `workdir/eval/ckpt_<step>/samples_<k>.npz` (`quality.write_sample_shards`: shard
+`k` uses `fold_in(key, k)` and finished shards are skipped, so an interrupted evaluation
+resumes where it stopped and gives the same numbers), then scores them by data kind:
+
+  'toy'    (2-D toys): sliced Wasserstein-2 and MMD^2 to samples of the true distribution,
+           and the NLL of the samples under its true density (`quality.lowdim_sample_metrics`).
+  'digits': digits-FID, digits-IS, confidence and class-histogram entropy of the packaged
+           digits classifier (`digits_classifier.load_evaluator`, no external file).
+  'images' (cifar10, celeba, ...): FID and Inception Score with the FID Inception-v3 from
+           `eval.inception_path` (or `$SCOREJAX_INCEPTION_PATH`) against the reference
+           statistics `eval.fid_stats_path`, and KID when that file holds raw `pool_3`
+           features (score_sde's stats files).
+
+`validate(config)` checks the files of the 'images' kind up front, so a run without them
+fails at start-up with one line (which file, which field, how to get it).
+
+References:
+  Heusel et al. 2017 (FID); Salimans et al. 2016 (IS); Binkowski et al. 2018 (KID);
+  Song et al. 2021, ICLR, Table 1 (FID / IS of 50k CIFAR-10 samples).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import TYPE_CHECKING
+
+import jax
+import numpy as np
+
+from scorejax import quality, run_common, toy_data
+
+if TYPE_CHECKING:
+  from scorejax.run_eval import EvalContext
+
+SAMPLES_STREAM = 1  # fold_in constant of the sample-quality key within the eval key
+REFERENCE_STREAM = 2  # seed offset of the toy reference samples
+NUM_TOY_REFERENCE = 5000  # true-distribution samples the 2-D metrics compare against
+
+
+def sample_kind(config) -> str:
+  """'toy', 'digits' or 'images': which metrics the samples of `data.dataset` get."""
+  if run_common.is_toy(config):
+    return 'toy'
+  if config.data.dataset.lower() == 'digits':
+    return 'digits'
+  return 'images'
+
+
+def inception_path(config) -> str | None:
+  """`eval.inception_path`, else `$SCOREJAX_INCEPTION_PATH`, else None."""
+  from scorejax.inception_weights import WEIGHTS_ENV_VAR
+
+  return config.eval.inception_path or os.environ.get(WEIGHTS_ENV_VAR) or None
+
+
+def validate(config) -> None:
+  """Checks that the 'images' metrics have their files (nothing is loaded or written).
+
+  Raises:
+    FileNotFoundError: one line naming the missing Inception weights or reference
+      statistics, the config field and how to make them.
+  """
+  if not config.eval.enable_sampling or sample_kind(config) != 'images':
+    return
+  from scorejax.inception_weights import missing_weights_message
+
+  path = inception_path(config)
+  if not path or not os.path.isfile(path):
+    raise FileNotFoundError(missing_weights_message(path))
+  stats = config.eval.fid_stats_path
+  if not stats or not os.path.isfile(stats):
+    raise FileNotFoundError(
+        f'eval.fid_stats_path={stats!r}: reference statistics not found; make them with '
+        '`python scripts/fid_stats.py compute ...` or download them (see docs/evaluation.md)'
+    )
+
+
+def shard_size(config) -> int:
+  """Samples per shard: `sampling.batch_size` (at most `eval.num_samples`), device-aligned."""
+  return run_common.sharded_batch_size(min(config.sampling.batch_size, config.eval.num_samples))
+
+
+def evaluate_samples(context: EvalContext) -> dict[str, float]:
+  """Draws (or resumes) the samples of `context.step` and returns their quality metrics.
+
+  Returns:
+    The metrics of the data kind (see the module docstring), plus `num_samples`,
+    `sample_shards_drawn` (shards sampled by this call; 0 when all were already on disk)
+    and `sample_nfe` (score evaluations per shard, when any shard was drawn).
+  """
+  config = context.config
+  num_samples = config.eval.num_samples
+  sampler = run_common.make_sharded_sampler(config, context.model, context.sde,
+                                            shard_size(config))
+  nfes: list[int] = []
+
+  def draw(key: jax.Array) -> np.ndarray:
+    samples, nfe = sampler(key, context.params)
+    nfes.append(int(run_common.host_array(nfe)))
+    return run_common.to_data_range(config, run_common.gather_array(samples))
+
+  directory = context.workdir / 'eval' / f'ckpt_{context.step}'
+  key = jax.random.fold_in(context.key, SAMPLES_STREAM)
+  paths = write_shards(draw, key, directory, num_samples, shard_size(config))
+  kind = sample_kind(config)
+  if kind == 'images':
+    result = _image_metrics(config, paths)
+  else:
+    samples = np.concatenate(list(quality.iterate_shards(paths, num_samples)))
+    if kind == 'toy':
+      distribution = toy_data.make_toy(config.data.dataset.lower())
+      reference = distribution.sample(config.seed + REFERENCE_STREAM, NUM_TOY_REFERENCE)
+      result = quality.lowdim_sample_metrics(key, samples, reference, distribution.log_prob)
+      result = {f'sample_{name}': value for name, value in result.items()}
+    else:
+      from scorejax import digits_classifier
+
+      result = digits_classifier.load_evaluator().metrics(samples)
+    result['num_samples'] = float(len(samples))
+  result['sample_shards_drawn'] = len(nfes)
+  if nfes:
+    result['sample_nfe'] = float(np.mean(nfes))
+  return result
+
+
+def write_shards(draw, key: jax.Array, directory: pathlib.Path, num_samples: int,
+                 rows_per_shard: int) -> list[pathlib.Path]:
+  """`quality.write_sample_shards` on process 0; other processes draw the same shards.
+
+  Every process must take part in each sharded sampling call, so processes other than
+  0 follow process 0's count of finished shards and write nothing; after a barrier all
+  read process 0's files (a shared filesystem, as for checkpoints).
+  """
+  if jax.process_count() == 1:
+    return quality.write_sample_shards(draw, key, directory, num_samples)
+  from jax.experimental import multihost_utils
+
+  done = 0
+  if jax.process_index() == 0 and directory.is_dir():
+    done = len(quality.sample_shards(directory))
+  done = int(multihost_utils.broadcast_one_to_all(np.int32(done)))
+  if jax.process_index() == 0:
+    quality.write_sample_shards(draw, key, directory, num_samples)
+  else:
+    for index in range(done, -(-num_samples // rows_per_shard)):
+      draw(jax.random.fold_in(key, index))
+  multihost_utils.sync_global_devices(f'eval samples {directory}')
+  return quality.sample_shards(directory)
+
+
+def _image_metrics(config, paths: list[pathlib.Path]) -> dict[str, float]:
+  feature_fn = quality.make_inception_feature_fn(inception_path(config))
+  stats_path = config.eval.fid_stats_path
+  reference = quality.load_reference_stats(stats_path)
+  reference_features = None
+  with np.load(stats_path) as data:
+    if 'pool_3' in data.files:
+      reference_features = np.asarray(data['pool_3'], np.float64)
+  return quality.compute_sample_metrics(
+      quality.iterate_shards(paths, config.eval.batch_size), reference, feature_fn,
+      reference_features=reference_features)
