@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scorejax.models import upfirdn
+from scorejax.models.conv import conv2d
 from scorejax.models.layers import NIN, conv1x1, conv3x3, default_init, group_norm
 
 Array = jax.Array
@@ -56,8 +57,8 @@ class Conv2d(nn.Module):
     elif self.down:
       x = upfirdn.conv_downsample_2d(x, w, k=self.resample_kernel)
     else:
-      x = jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME',
-                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      pad = self.kernel // 2
+      x = conv2d(x, w, (1, 1), ((pad, pad), (pad, pad)))
     if self.use_bias:
       x = x + self.param('bias', nn.initializers.zeros, (self.fmaps,))
     return x

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from scorejax.models.conv import Conv
+
 Array = jax.Array
 
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
@@ -105,13 +107,13 @@ def group_norm(channels: int, num_groups: int | None = None) -> nn.GroupNorm:
 def conv3x3(x: Array, out_ch: int, stride: int = 1, bias: bool = True, init_scale: float = 1.0,
             padding: str | Sequence[tuple[int, int]] = 'SAME') -> Array:
   """3x3 convolution with DDPM initialization (a `Conv_k` of the calling module)."""
-  return nn.Conv(out_ch, (3, 3), strides=(stride, stride), padding=padding, use_bias=bias,
-                 kernel_init=default_init(init_scale))(x)
+  return Conv(out_ch, (3, 3), strides=(stride, stride), padding=padding, use_bias=bias,
+              kernel_init=default_init(init_scale))(x)
 
 
 def conv1x1(x: Array, out_ch: int, bias: bool = True, init_scale: float = 1.0) -> Array:
   """1x1 convolution with DDPM initialization (a `Conv_k` of the calling module)."""
-  return nn.Conv(out_ch, (1, 1), use_bias=bias, kernel_init=default_init(init_scale))(x)
+  return Conv(out_ch, (1, 1), use_bias=bias, kernel_init=default_init(init_scale))(x)
 
 
 class NIN(nn.Module):

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from scorejax.models.conv import conv2d
+
 Array = jax.Array
 
 # NHWC spatial axes.
@@ -159,9 +161,7 @@ def conv_downsample_2d(x: Array, w: Array, k: Sequence[float] = (1, 3, 3, 1),
   k = _scaled(k, gain, 1)
   p = (k.shape[0] - factor) + (conv_size - 1)
   x = upfirdn2d(x, k, pad=((p + 1) // 2, p // 2))
-  return lax.conv_general_dilated(
-      x, w, window_strides=(factor, factor), padding='VALID',
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  return conv2d(x, w, (factor, factor), ((0, 0), (0, 0)))
 
 
 def upsample_conv_2d(x: Array, w: Array, k: Sequence[float] = (1, 3, 3, 1),
