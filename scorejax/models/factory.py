@@ -23,7 +23,7 @@ class ConfigSection:
   """Read-only view of one config section (ConfigDict or dict) with defaults."""
 
   def __init__(self, config: Any, name: str):
-    section = config[name] if isinstance(config, Mapping) else getattr(config, name, None)
+    section = config.get(name) if isinstance(config, Mapping) else getattr(config, name, None)
     if section is None:
       raise ValueError(f'config has no {name!r} section')
     self._name = name
@@ -49,7 +49,7 @@ def _make_mlp(model: ConfigSection, data: ConfigSection | None) -> nn.Module:
   return MLPScoreNet(
       hidden=int(model.get('hidden', 128)),
       num_layers=int(model.get('num_layers', 3)),
-      embedding_type=str(model.get('embedding_type', 'positional')).lower(),
+      embedding_type=_choice(model, 'embedding_type', ncsnpp.EMBEDDING_TYPES, 'positional'),
       embedding_dim=int(model.get('embedding_dim', 64)),
       fourier_scale=float(model.get('fourier_scale', 16.0)),
       scale_by_sigma=bool(model.get('scale_by_sigma', False)),

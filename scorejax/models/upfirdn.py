@@ -184,9 +184,11 @@ def upsample_conv_2d(x: Array, w: Array, k: Sequence[float] = (1, 3, 3, 1),
   conv_size = w.shape[0]
   k = _scaled(k, gain, factor)
   p = (k.shape[0] - factor) - (conv_size - 1)
-  x = lax.conv_general_dilated(
-      x, w, window_strides=(1, 1), padding=[(conv_size - 1, conv_size - 1)] * 2,
-      lhs_dilation=(factor, factor), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  # Zero insertion, then a 'full' correlation (TF's conv2d_transpose, VALID).
+  x = lax.pad(x, jnp.zeros((), x.dtype),
+              [(0, 0, 0), (0, 0, factor - 1), (0, 0, factor - 1), (0, 0, 0)])
+  pad = conv_size - 1
+  x = conv2d(x, w, (1, 1), ((pad, pad), (pad, pad)))
   return upfirdn2d(x, k, pad=((p + 1) // 2 + factor - 1, p // 2 + 1))
 
 
