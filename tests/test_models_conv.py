@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scorejax.models.conv import Conv, conv2d
+from scorejax.models.conv import Conv, conv2d, loop_friendly_grads, native_grads
 
 
 def _native(x, w, strides, padding):
@@ -31,6 +31,11 @@ def test_value_and_gradients_equal_xla(size, kernel, stride, padding):
   got = jax.jit(jax.grad(loss(conv2d), (0, 1)))(x, w)
   want = jax.jit(jax.grad(loss(_native), (0, 1)))(x, w)
   for g, e in zip(got, want, strict=True):
+    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5 * np.abs(e).max())
+  # Both branches of the platform switch (only the CPU one runs on this machine).
+  both = [jax.jit(f, static_argnums=(3, 4))(x, w, cotangent, strides, padding)
+          for f in (loop_friendly_grads, native_grads)]
+  for g, e in zip(*both, strict=True):
     np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5 * np.abs(e).max())
 
 

@@ -89,18 +89,26 @@ def _conv2d_fwd(x, kernel, strides, padding):
   return _conv(x, kernel, strides, padding), (x, kernel)
 
 
+def loop_friendly_grads(x: Array, kernel: Array, dy: Array, strides: tuple[int, int],
+                        padding: Padding) -> tuple[Array, Array]:
+  """`(dx, dkernel)` by a forward convolution and per-tap GEMMs (the CPU gradient)."""
+  return (_input_grad(dy, kernel, x.shape, strides, padding),
+          _kernel_grad(x, dy, kernel.shape, strides, padding))
+
+
+def native_grads(x: Array, kernel: Array, dy: Array, strides: tuple[int, int],
+                 padding: Padding) -> tuple[Array, Array]:
+  """`(dx, dkernel)` as XLA differentiates its convolution (the GPU / TPU gradient)."""
+  _, vjp = jax.vjp(lambda x, kernel: _conv(x, kernel, strides, padding), x, kernel)
+  return vjp(dy)
+
+
 def _conv2d_bwd(strides, padding, residuals, dy):
   x, kernel = residuals
-
-  def loop_friendly(x, kernel, dy):
-    return (_input_grad(dy, kernel, x.shape, strides, padding),
-            _kernel_grad(x, dy, kernel.shape, strides, padding))
-
-  def native(x, kernel, dy):
-    _, vjp = jax.vjp(lambda x, kernel: _conv(x, kernel, strides, padding), x, kernel)
-    return vjp(dy)
-
-  return lax.platform_dependent(x, kernel, dy, cpu=loop_friendly, default=native)
+  return lax.platform_dependent(
+      x, kernel, dy,
+      cpu=lambda *args: loop_friendly_grads(*args, strides, padding),
+      default=lambda *args: native_grads(*args, strides, padding))
 
 
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
