@@ -13,10 +13,15 @@ Divergence estimators (`ESTIMATORS`):
   noise `eps` drawn per sample and kept fixed along the trajectory. One Jacobian product per
   evaluation yields the drift (its primal) and `(df/dx) eps` or `eps^T (df/dx)` together, so
   one NFE costs one linearized pass, where the reference ran the forward twice (the drift,
-  then again inside a gradient). `jacobian_product='jvp'` (default, forward mode) and
-  `'vjp'` (reverse mode) give the same estimate up to float rounding; on XLA CPU the VJP
-  inside the solver's while loop (transposed convolutions) measured ~4x slower than the JVP
-  (`docs/benchmarks.md`), on accelerators they cost about the same.
+  then again inside a gradient). `jacobian_product='jvp'` (forward mode) and `'vjp'`
+  (reverse mode) give the same estimate up to float rounding; `'auto'` (default) takes forward
+  mode unless the score function holds a `jax.custom_vjp` (JAX has no forward mode through
+  one; the networks' `conv2d` is one since it carries a loop-friendly gradient), then reverse.
+  On XLA CPU, with XLA's own convolution gradient, the VJP inside the solver's while loop
+  measured ~3x slower than outside it: there the input-gradient convolutions keep a
+  transposed kernel (`dim_labels=b01f_01oi`), which XLA:CPU does not hand to Eigen and runs
+  as a generic loop nest (outside loops it materialises the transpose and calls Eigen).
+  `scorejax.models.conv.conv2d` avoids that, see `docs/benchmarks.md`.
 - `'exact'`: the full trace, `D` Jacobian-vector products of one linearization; for
   low-dimensional data (`D` up to a few dozen).
 
@@ -42,7 +47,7 @@ Array = jax.Array
 ScoreFn = Callable[[Array, Array], Array]
 
 ESTIMATORS = ('rademacher', 'gaussian', 'exact')
-JACOBIAN_PRODUCTS = ('jvp', 'vjp')
+JACOBIAN_PRODUCTS = ('auto', 'jvp', 'vjp')
 
 
 def _sum_except_batch(x: Array) -> Array:
@@ -57,31 +62,72 @@ def _hutchinson_noise(key: Array, shape: tuple[int, ...], estimator: str) -> Arr
   return None
 
 
-def _exact_divergence(fn: Callable[[Array], Array], x: Array) -> tuple[Array, Array]:
-  """`(fn(x), div fn(x) [B])` for a batch-separable `fn`, by `D` JVPs of one linearization."""
+def _has_custom_vjp(fn: Callable[[Array], Array], x: Array) -> bool:
+  """Whether tracing `fn(x)` meets a `jax.custom_vjp` (which has no forward mode).
+
+  JAX reports forward mode through one only when lowering, too late to switch, so `'auto'`
+  looks for one in the jaxpr (sub-jaxprs of loops, conds and calls included).
+  """
+
+  def walk(jaxpr) -> bool:
+    for eqn in jaxpr.eqns:
+      if 'custom_vjp' in eqn.primitive.name:
+        return True
+      for param in eqn.params.values():
+        for sub in param if isinstance(param, (tuple, list)) else (param,):
+          sub = getattr(sub, 'jaxpr', sub)
+          if hasattr(sub, 'eqns') and walk(sub):
+            return True
+    return False
+
+  return walk(jax.make_jaxpr(fn)(x).jaxpr)
+
+
+def _resolve_product(fn: Callable[[Array], Array], x: Array, jacobian_product: str) -> str:
+  if jacobian_product != 'auto':
+    return jacobian_product
+  return 'vjp' if _has_custom_vjp(fn, x) else 'jvp'
+
+
+def _exact_divergence(fn: Callable[[Array], Array], x: Array,
+                      jacobian_product: str) -> tuple[Array, Array]:
+  """`(fn(x), div fn(x) [B])` for a batch-separable `fn`, by `D` products of one linearization.
+
+  Forward mode (`D` JVPs of `jax.linearize`) unless `jacobian_product == 'vjp'`, or `'auto'`
+  and `fn` has a `custom_vjp` (no forward mode): then `D` VJPs of one `jax.vjp`.
+  """
   batch, dim = x.shape[0], int(np.prod(x.shape[1:]))
-  out, jvp_fn = jax.linearize(fn, x)
   basis = jnp.broadcast_to(jnp.eye(dim, dtype=x.dtype)[:, None, :], (dim, batch, dim))
-  columns = jax.vmap(jvp_fn)(basis.reshape((dim,) + x.shape)).reshape(dim, batch, dim)
+  basis = basis.reshape((dim,) + x.shape)
+  if _resolve_product(fn, x, jacobian_product) == 'jvp':
+    out, product_fn = jax.linearize(fn, x)
+  else:
+    out, vjp_fn = jax.vjp(fn, x)
+    product_fn = lambda v: vjp_fn(v)[0]
+  columns = jax.vmap(product_fn)(basis).reshape(dim, batch, dim)
   return out, jnp.einsum('ibi->b', columns)
 
 
+def _hutchinson_product(fn: Callable[[Array], Array], x: Array, noise: Array,
+                        jacobian_product: str) -> tuple[Array, Array]:
+  """`(fn(x), noise^T (dfn/dx) noise [B])` from one JVP or one VJP (see `JACOBIAN_PRODUCTS`)."""
+  if _resolve_product(fn, x, jacobian_product) == 'jvp':
+    out, jacobian_noise = jax.jvp(fn, (x,), (noise,))
+    return out, _sum_except_batch(jacobian_noise * noise)
+  out, vjp_fn = jax.vjp(fn, x)
+  return out, _sum_except_batch(vjp_fn(noise)[0] * noise)
+
+
 def _augmented_vector_field(score_fn: ScoreFn, sde: sde_lib.SDE, estimator: str,
-                            noise: Array | None, batch: int, jacobian_product: str = 'jvp'):
+                            noise: Array | None, batch: int, jacobian_product: str = 'auto'):
   reverse = sde.reverse(score_fn, probability_flow=True)
 
   def vector_field(t, state):
     x, _ = state
     drift_fn = lambda y: reverse.sde(y, jnp.full((batch,), t, y.dtype))[0]
     if estimator == 'exact':
-      drift, divergence = _exact_divergence(drift_fn, x)
-    elif jacobian_product == 'jvp':
-      drift, jacobian_noise = jax.jvp(drift_fn, (x,), (noise,))
-      divergence = _sum_except_batch(jacobian_noise * noise)
-    else:
-      drift, vjp_fn = jax.vjp(drift_fn, x)
-      divergence = _sum_except_batch(vjp_fn(noise)[0] * noise)
-    return drift, divergence
+      return _exact_divergence(drift_fn, x, jacobian_product)
+    return _hutchinson_product(drift_fn, x, noise, jacobian_product)
 
   return vector_field
 
@@ -112,7 +158,7 @@ def log_likelihood(
     eps: float = 1e-5,
     method: str = 'tsit5',
     n_steps: int | None = None,
-    jacobian_product: str = 'jvp',
+    jacobian_product: str = 'auto',
 ) -> tuple[Array, Array, Array]:
   """Log-density of `x` under the model's probability-flow ODE, in nats.
 
@@ -127,7 +173,9 @@ def log_likelihood(
     eps: the starting time; the result is `log p_eps(x)`, which tends to `log p_0(x)`.
     method: a key of `scorejax.ode.ODE_METHODS`.
     n_steps: steps of the fixed-step methods; `None` means `sde.N`.
-    jacobian_product: `'jvp'` or `'vjp'`, how the Hutchinson estimators get their product.
+    jacobian_product: how the Jacobian products are taken: `'jvp'` (forward mode), `'vjp'`
+      (reverse mode), or `'auto'`: forward mode, unless the score function holds a
+      `jax.custom_vjp` (which has no forward mode; e.g. the networks' `conv2d`), then reverse.
 
   Returns:
     `(logp [B], z [B, ...], nfe)`: log-density in nats, the latent `x(T)`, and the number of

@@ -25,6 +25,7 @@ Usage:
 
 import argparse
 import json
+import os
 import pathlib
 import platform
 import re
@@ -93,14 +94,15 @@ def _build_score_fn(sde, shape):
   return builder, variables, f'{name}, {count:,} parameters'
 
 
-def _best_time(fn, repeats):
-  jax.block_until_ready(fn())  # compile
+def _median_time(fn, repeats):
+  """Median wall time of `repeats` calls after one compiling call (the machine is shared)."""
+  jax.block_until_ready(fn())
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
     out = jax.block_until_ready(fn())
     times.append(time.perf_counter() - start)
-  return min(times), out
+  return float(np.median(times)), out
 
 
 def _scipy_ode_sample(builder, variables, sde, x0, rtol, atol, eps):
@@ -150,32 +152,61 @@ def _scipy_log_likelihood(builder, variables, sde, x, noise, rtol, atol, eps):
 
 
 def run(args) -> tuple[str, list[list[str]]]:
+  """Times every case; each row's unit is a forward timed right before and after it.
+
+  The machine is shared and its load swings within minutes, so one forward timed at the start
+  would not be the unit of a row timed five minutes later: every row divides by the mean of
+  two forward medians taken around it, and shows that unit.
+  """
   sde = sde_lib.VPSDE()
-  shape = (args.batch_size, 16, 16, 3)
+  shape = (args.batch_size, args.image_size, args.image_size, 3)
   builder, variables, network = _build_score_fn(sde, shape)
   key = jax.random.key(0)
   x = jax.random.normal(key, shape)
   t = jnp.full((shape[0],), 0.5)
   forward = jax.jit(lambda v, x, t: builder(v)(x, t))
-  forward_s, _ = _best_time(lambda: forward(variables, x, t), 20)
-  rows = [['one jitted score evaluation (forward)', '1', f'{1e3 * forward_s:.2f}', '1.00', '']]
+  unit_fn = lambda: _median_time(lambda: forward(variables, x, t), 9)[0]
+  rows = _Rows()
+
+  def add(case, nfe, timed_fn, notes=''):
+    """Runs `timed_fn() -> (seconds, out)` between two forward timings and adds its row."""
+    before = unit_fn()
+    seconds, out = timed_fn()
+    unit = 0.5 * (before + unit_fn())
+    nfe = nfe(out) if callable(nfe) else nfe
+    rows.append([case, f'{nfe}', f'{1e3 * seconds:.0f}', f'{1e3 * unit:.1f}',
+                 f'{seconds / nfe / unit:.2f}', notes(out) if callable(notes) else notes])
+    return out
+
+  loop_steps = 20
+  loop = jax.jit(lambda v, x: jax.lax.fori_loop(
+      0, loop_steps, lambda i, y: y - 1e-3 * builder(v)(y, t), x))
+  add(f'the forward inside a `fori_loop` ({loop_steps} iterations)', loop_steps,
+      lambda: _median_time(lambda: loop(variables, x), args.repeats),
+      'floor of any in-graph loop')
   tol = dict(rtol=args.rtol, atol=args.atol)
 
   pc_fn = sampling.make_pc_sampler(builder, sde, shape, n_steps=args.pc_steps)
-  pc_s, (_, pc_nfe) = _best_time(lambda: pc_fn(key, variables), args.repeats)
-  rows.append([f'PC sampler (reverse diffusion + Langevin, {args.pc_steps} steps)', f'{pc_nfe}',
-               f'{1e3 * pc_s:.0f}', f'{pc_s / pc_nfe / forward_s:.2f}', 'reference: 0.88'])
+  pc_nfe = pc_fn(key, variables)[1]
+  add(f'PC sampler (reverse diffusion + Langevin, {args.pc_steps} steps)', pc_nfe,
+      lambda: _median_time(lambda: pc_fn(key, variables)[0], args.repeats), 'goal <= 0.88')
+  # The sampler's own work per NFE (noise, norms, updates), with a free score `-x`.
+  bare_fn = sampling.make_pc_sampler(lambda v: lambda x, t: -x, sde, shape, n_steps=args.pc_steps)
+  add('PC sampler machinery alone (score = -x)', pc_nfe,
+      lambda: _median_time(lambda: bare_fn(key, variables)[0], args.repeats),
+      'sampler overhead per NFE')
 
   x_prior = sde.prior_sampling(jax.random.key(1), shape)
-  for method in ['tsit5', 'dopri5']:
+  for method in ['rk45', 'tsit5']:
     ode_fn = sampling.make_ode_sampler(builder, sde, shape, method=method, **tol)
-    ode_s, (_, nfe) = _best_time(lambda f=ode_fn: f(jax.random.key(1), variables), args.repeats)
-    nfe = int(nfe)
-    rows.append([f'ODE sampler, in-graph {method}', f'{nfe}', f'{1e3 * ode_s:.0f}',
-                 f'{ode_s / nfe / forward_s:.2f}', ''])
-  ref_s, ref_nfe, _ = _scipy_ode_sample(builder, variables, sde, x_prior, eps=1e-3, **tol)
-  rows.append(['ODE sampler, host scipy RK45 (reference way)', f'{ref_nfe}', f'{1e3 * ref_s:.0f}',
-               f'{ref_s / ref_nfe / forward_s:.2f}', 'reference: 1.03'])
+    note = 'scipy RK45 controller, in-graph' if method == 'rk45' else 'diffrax'
+    add(f'ODE sampler, in-graph `{method}`', lambda out: int(out[1]),
+        lambda f=ode_fn: _median_time(lambda: f(jax.random.key(1), variables), args.repeats),
+        note + '; goal <= 1.0')
+  add('ODE sampler, host scipy RK45 (reference way)', lambda out: out[0],
+      lambda: (lambda r: (r[0], r[1:]))(
+          _scipy_ode_sample(builder, variables, sde, x_prior, eps=1e-3, **tol)),
+      'reference: 1.03')
 
   pixels = jax.random.randint(jax.random.key(2), shape, 0, 256) / 255.0
   data = 2.0 * (255.0 * pixels + jax.random.uniform(jax.random.key(3), shape)) / 256.0 - 1.0
@@ -184,55 +215,78 @@ def run(args) -> tuple[str, list[list[str]]]:
   lik_key = jax.random.key(4)
   noise = jax.random.rademacher(lik_key, shape, jnp.float32)
   bpds = {}
-  for product in ['jvp', 'vjp']:
+  for product, repeats in [('jvp', args.repeats), ('vjp', 1)]:
     lik_fn = jax.jit(lambda key, v, data, p=product: likelihood.log_likelihood(
-        key, builder(v), sde, data, jacobian_product=p, **tol))
-    lik_s, (logp, _, lik_nfe) = _best_time(lambda f=lik_fn: f(lik_key, variables, data),
-                                           args.repeats)
-    lik_nfe = int(lik_nfe)
+        key, builder(v), sde, data, jacobian_product=p, method='rk45', **tol))
+    goal = '; goal <= 2.0' if product == 'jvp' else ''
+    logp, _, _ = add(
+        f'likelihood, in-graph `rk45`, Rademacher ({product.upper()} with the drift)',
+        lambda out: int(out[2]),
+        lambda f=lik_fn, r=repeats: _median_time(lambda: f(lik_key, variables, data), r),
+        lambda out, g=goal: f'{to_bpd(out[0]):.4f} bpd{g}')
     bpds[product] = to_bpd(logp)
-    rows.append([f'likelihood, in-graph tsit5, Rademacher ({product.upper()} with the drift)',
-                 f'{lik_nfe}', f'{1e3 * lik_s:.0f}', f'{lik_s / lik_nfe / forward_s:.2f}',
-                 f'{bpds[product]:.4f} bpd'])
-  ref_s, ref_nfe, ref_logp = _scipy_log_likelihood(builder, variables, sde, data, noise,
-                                                   eps=1e-5, **tol)
-  ref_bpd = to_bpd(ref_logp)
-  diff = max(abs(b - ref_bpd) for b in bpds.values())
-  rows.append(['likelihood, host scipy RK45 (reference way)', f'{ref_nfe}', f'{1e3 * ref_s:.0f}',
-               f'{ref_s / ref_nfe / forward_s:.2f}',
-               f'{ref_bpd:.4f} bpd (max |diff| {diff:.4f}); reference: 3.0'])
+
+  def reference_notes(out):
+    bpd = to_bpd(out[1])
+    diff = max(abs(b - bpd) for b in bpds.values())
+    return f'{bpd:.4f} bpd (max abs diff to in-graph {diff:.4f}); reference: 3.0'
+
+  add('likelihood, host scipy RK45 (reference way: drift, then drift in a gradient)',
+      lambda out: out[0],
+      lambda: (lambda r: (r[0], r[1:]))(
+          _scipy_log_likelihood(builder, variables, sde, data, noise, eps=1e-5, **tol)),
+      reference_notes)
   return network, rows
+
+
+class _Rows(list):
+  """A list of table rows that prints each row as it is added (runs take minutes)."""
+
+  def append(self, row):
+    print(' | '.join(row), flush=True)
+    super().append(row)
 
 
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--batch_size', type=int, default=8)
-  parser.add_argument('--pc_steps', type=int, default=100)
-  parser.add_argument('--rtol', type=float, default=1e-4)
-  parser.add_argument('--atol', type=float, default=1e-4)
-  parser.add_argument('--repeats', type=int, default=2)
+  parser.add_argument('--image_size', type=int, default=16)
+  parser.add_argument('--pc_steps', type=int, default=50)
+  parser.add_argument('--rtol', type=float, default=1e-3)
+  parser.add_argument('--atol', type=float, default=1e-3)
+  parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--no_write', action='store_true')
   args = parser.parse_args()
   jax.config.update('jax_default_matmul_precision', 'highest')
+  load_before = os.getloadavg()
+  start = time.perf_counter()
   network, rows = run(args)
+  total_s = time.perf_counter() - start
+  load_after = os.getloadavg()
   command = ('python scripts/bench_sampling.py '
-             f'--batch_size {args.batch_size} --pc_steps {args.pc_steps} '
-             f'--rtol {args.rtol:g} --atol {args.atol:g}')
+             f'--batch_size {args.batch_size} --image_size {args.image_size} '
+             f'--pc_steps {args.pc_steps} --rtol {args.rtol:g} --atol {args.atol:g} '
+             f'--repeats {args.repeats}')
   lines = [
       _BEGIN,
       '## Sampling and likelihood (`scripts/bench_sampling.py`)',
       '',
       f'Machine: {platform.machine()}, {jax.device_count()} JAX CPU device, 2 CPU cores shared '
-      'with other jobs while measured (one run; ratios are taken within the run). '
-      f'Network: {network}; VP SDE; batch {args.batch_size} of 16x16x3; '
+      'with other jobs while measured; load average (1 min) '
+      f'{load_before[0]:.1f} at the start, {load_after[0]:.1f} at the end; whole run '
+      f'{total_s / 60:.1f} min, compilation included. Timings are medians of {args.repeats} '
+      'calls after a compiling call (the VJP likelihood and the scipy rows: one call). '
+      f'Network: {network}; VP SDE; batch {args.batch_size} of '
+      f'{args.image_size}x{args.image_size}x3; '
       f'rtol = {args.rtol:g}, atol = {args.atol:g}. Command: `{command}`.',
       '',
-      '"forwards / NFE" is wall time per score evaluation divided by one jitted forward; '
+      '"forwards / NFE" is wall time per score evaluation divided by one jitted forward '
+      '(the median of 9 calls before and of 9 after the row, averaged); '
       'NFE counts every evaluation of the score (in-graph: exact, `scorejax.ode`; scipy: '
       '`nfev`).',
       '',
-      '| case | NFE | wall ms | forwards / NFE | notes |',
-      '|---|---|---|---|---|',
+      '| case | NFE | wall ms | forward ms (around the row) | forwards / NFE | notes |',
+      '|---|---|---|---|---|---|',
   ] + ['| ' + ' | '.join(row) + ' |' for row in rows] + [_END]
   section = '\n'.join(lines)
   print(section)

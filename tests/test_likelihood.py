@@ -60,6 +60,18 @@ def test_exact_trace_matches_8d_mixture_log_density(name):
   _check_exact(MIXTURE_8D, SDES[name])
 
 
+def test_scipy_rk45_controller_matches_gaussian_log_density():
+  # The in-graph scipy-RK45 solver, the one the benchmark compares with the reference.
+  data, sde = GAUSSIAN, SDES['vpsde']
+  x = data.sample(jax.random.key(1), 16)
+  logp, z, nfe = likelihood.log_likelihood(jax.random.key(2), data.score_fn(sde), sde, x,
+                                           estimator='exact', eps=EPS, method='rk45')
+  log_p_eps, log_p_T = _closed_form(data, sde, x, z)
+  delta_logp = np.asarray(logp) - np.asarray(sde.prior_logp(z))
+  np.testing.assert_allclose(delta_logp, log_p_eps - log_p_T, atol=1e-3 * data.dim)
+  assert (int(nfe) - 2) % 6 == 0
+
+
 def test_image_shaped_data():
   # NHWC data, D = 16: the exact trace over all pixels, VP.
   data = analytic.GaussianMixture.gaussian(jnp.full((4, 4, 1), 0.3), 0.2)
@@ -85,6 +97,29 @@ def test_hutchinson_is_unbiased_within_monte_carlo_error(estimator, jacobian_pro
   assert errors.std() > 0.1
 
 
+@pytest.mark.parametrize('estimator', ['rademacher', 'exact'])
+def test_auto_falls_back_to_reverse_mode_through_custom_vjp(estimator):
+  # A score holding a custom_vjp (as the networks' conv2d does) has no forward mode: 'jvp'
+  # fails, 'auto' must take the VJP and agree with 'vjp' and with the plain score's JVP.
+  data, sde = GAUSSIAN, SDES['vpsde']
+  base = data.score_fn(sde)
+
+  @jax.custom_vjp
+  def identity(x):
+    return x
+
+  identity.defvjp(lambda x: (x, None), lambda _, g: (g,))
+  score_fn = lambda x, t: identity(base(x, t))
+  x = data.sample(jax.random.key(1), 4)
+  run = lambda fn, product: likelihood.log_likelihood(
+      jax.random.key(2), fn, sde, x, estimator=estimator, jacobian_product=product,
+      method='rk45', rtol=1e-4, atol=1e-4)[0]
+  with pytest.raises(TypeError, match='custom_vjp'):
+    run(score_fn, 'jvp')
+  np.testing.assert_allclose(run(score_fn, 'auto'), run(score_fn, 'vjp'), rtol=1e-6)
+  np.testing.assert_allclose(run(score_fn, 'auto'), run(base, 'jvp'), rtol=1e-4, atol=1e-4)
+
+
 def test_unknown_estimator_and_method():
   score_fn = lambda x, t: -x
   with pytest.raises(ValueError, match='rademacher'):
@@ -92,7 +127,7 @@ def test_unknown_estimator_and_method():
                               estimator='skilling')
   with pytest.raises(ValueError, match='tsit5'):
     likelihood.log_likelihood(jax.random.key(0), score_fn, SDES['vpsde'], jnp.ones((2, 2)),
-                              method='rk45')
+                              method='rk4')
 
 
 def test_bits_per_dim_offset_and_centering():

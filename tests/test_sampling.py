@@ -223,7 +223,7 @@ def test_pc_sampler_reproduces_8d_mixture(name):
 
 
 ODE_CASES = [(name, 'tsit5', None) for name in sorted(SDES)] + [
-    ('vpsde', 'heun', 100), ('vpsde', 'dopri5', None),
+    ('vpsde', 'heun', 100), ('vpsde', 'dopri5', None), ('vpsde', 'rk45', None),
     pytest.param('vesde', 'heun', 200, marks=pytest.mark.slow)]
 
 
@@ -263,7 +263,7 @@ def test_ode_sampler_reproduces_8d_mixture():
   _assert_law(samples, data)
 
 
-@pytest.mark.parametrize('method', ['tsit5', 'dopri5'])
+@pytest.mark.parametrize('method', ['tsit5', 'dopri5', 'rk45'])
 def test_ode_nfe_counts_every_score_evaluation(method):
   # A host-side counter inside the score (jax.debug.callback runs once per actual
   # evaluation, also inside the solver's while loop) must equal the reported NFE.
