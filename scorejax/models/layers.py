@@ -6,6 +6,7 @@ score_sde (`layers.py`, `layerspp.py`): same formulas, same order of operations.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -45,6 +46,7 @@ def default_init(scale: float = 1.0) -> nn.initializers.Initializer:
   return nn.initializers.variance_scaling(scale, 'fan_avg', 'uniform')
 
 
+@functools.lru_cache(maxsize=32)
 def positional_frequencies(embedding_dim: int, max_positions: int = 10000) -> np.ndarray:
   """`[embedding_dim // 2]` frequencies `exp(-k log(max_positions) / (half - 1))`, float32.
 

@@ -18,6 +18,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -118,12 +119,20 @@ def upfirdn2d(x: Array, k: np.ndarray, up: int = 1, down: int = 1,
   return out
 
 
-def _scaled(k: Sequence[float], gain: float, factor: int) -> np.ndarray:
-  """Normalized filter with DC gain `gain * factor^2` spread over the two axes."""
-  k = setup_kernel(k)
+@functools.lru_cache(maxsize=64)
+def _scaled_cached(k: tuple, gain: float, factor: int) -> np.ndarray:
+  k = setup_kernel(np.asarray(k, np.float32))
   if k.ndim == 1:
     return (k * np.float32(factor * np.sqrt(gain))).astype(np.float32)
   return (k * np.float32(gain * factor**2)).astype(np.float32)
+
+
+def _scaled(k: Sequence[float], gain: float, factor: int) -> np.ndarray:
+  """Normalized filter with DC gain `gain * factor^2` spread over the two axes (computed
+  once per filter, gain and factor)."""
+  k = np.asarray(k, np.float32)
+  key = tuple(map(tuple, k)) if k.ndim == 2 else tuple(k.tolist())
+  return _scaled_cached(key, float(gain), int(factor))
 
 
 def upsample_2d(x: Array, k: Sequence[float] = (1, 3, 3, 1), factor: int = 2,
