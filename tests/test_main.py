@@ -145,7 +145,8 @@ def test_train_sample_eval_on_smoke_config(tmp_path):
   assert read_jsonl(tmp_path / 'eval' / 'metrics.jsonl')[-1]['step'] == 20
 
   # Watching: every periodic checkpoint not yet in eval/metrics.jsonl, then stop at n_iters.
-  watch = load_config(**{'eval.watch': True, 'eval.enable_bpd': False, 'eval.watch_timeout': 30})
+  watch = load_config(**{'eval.watch': True, 'eval.enable_bpd': False, 'eval.watch_timeout': 30,
+                         'eval.enable_sampling': False})
   assert [r['step'] for r in run_eval.run(watch, str(tmp_path))] == [10]
   assert [r['step'] for r in read_jsonl(tmp_path / 'eval' / 'metrics.jsonl')] == [20, 10]
 
