@@ -69,12 +69,15 @@ def _ints(value: Any) -> tuple[int, ...]:
   return tuple(int(v) for v in value)
 
 
-def _check_unet(model: ConfigSection, data: ConfigSection | None, nf: int, ch_mult: tuple[int, ...],
-                attn_resolutions: tuple[int, ...]) -> int:
-  """Checks the settings a U-Net cannot realize; returns the image size."""
+def _unet_fields(model: ConfigSection, data: ConfigSection | None) -> dict[str, Any]:
+  """The fields NCSN++ and DDPM share, after checking what a U-Net cannot realize."""
   if data is None:
     raise ValueError('image networks need a config.data section (image_size, num_channels)')
   image_size = int(data.require('image_size'))
+  nf = int(model.require('nf'))
+  num_res_blocks = int(model.require('num_res_blocks'))
+  ch_mult = _ints(model.require('ch_mult'))
+  attn_resolutions = _ints(model.get('attn_resolutions', ()))
   if not ch_mult:
     raise ValueError('config.model.ch_mult must not be empty')
   num_downsamplings = len(ch_mult) - 1
@@ -86,38 +89,17 @@ def _check_unet(model: ConfigSection, data: ConfigSection | None, nf: int, ch_mu
   if missing:
     raise ValueError(f'config.model.attn_resolutions {missing} never occur; the resolutions of '
                      f'image_size={image_size}, ch_mult={ch_mult} are {resolutions}')
-  if nf < 1 or int(model.require('num_res_blocks')) < 0:
+  if nf < 1 or num_res_blocks < 0:
     raise ValueError('config.model.nf must be positive and num_res_blocks non-negative')
   for channels in {nf, *(nf * m for m in ch_mult)}:
     layers.group_norm(channels)  # raises for channel counts GroupNorm cannot split
-  return image_size
-
-
-def _make_ncsnpp(model: ConfigSection, data: ConfigSection | None) -> nn.Module:
-  nf = int(model.require('nf'))
-  ch_mult = _ints(model.require('ch_mult'))
-  attn_resolutions = _ints(model.get('attn_resolutions', ()))
-  _check_unet(model, data, nf, ch_mult, attn_resolutions)
-  fir_kernel = _ints(model.get('fir_kernel', (1, 3, 3, 1)))
-  return NCSNpp(
+  return dict(
       nf=nf,
       ch_mult=ch_mult,
-      num_res_blocks=int(model.require('num_res_blocks')),
+      num_res_blocks=num_res_blocks,
       attn_resolutions=attn_resolutions,
       dropout=float(model.get('dropout', 0.1)),
       resamp_with_conv=bool(model.get('resamp_with_conv', True)),
-      conditional=bool(model.get('conditional', True)),
-      fir=bool(model.get('fir', False)),
-      fir_kernel=fir_kernel,
-      skip_rescale=bool(model.get('skip_rescale', True)),
-      resblock_type=_choice(model, 'resblock_type', ncsnpp.RESBLOCK_TYPES, 'biggan'),
-      progressive=_choice(model, 'progressive', ncsnpp.PROGRESSIVE, 'none'),
-      progressive_input=_choice(model, 'progressive_input', ncsnpp.PROGRESSIVE_INPUT, 'none'),
-      progressive_combine=_choice(model, 'progressive_combine', ncsnpp.PROGRESSIVE_COMBINE,
-                                  'sum'),
-      embedding_type=_choice(model, 'embedding_type', ncsnpp.EMBEDDING_TYPES, 'fourier'),
-      fourier_scale=float(model.get('fourier_scale', 16.0)),
-      init_scale=float(model.get('init_scale', 0.0)),
       scale_by_sigma=bool(model.get('scale_by_sigma', False)),
       centered=bool(data.get('centered', False)),
       act=layers.get_activation(model.get('nonlinearity', 'swish')),
@@ -127,27 +109,30 @@ def _make_ncsnpp(model: ConfigSection, data: ConfigSection | None) -> nn.Module:
   )
 
 
-def _make_ddpm(model: ConfigSection, data: ConfigSection | None) -> nn.Module:
-  nf = int(model.require('nf'))
-  ch_mult = _ints(model.require('ch_mult'))
-  attn_resolutions = _ints(model.get('attn_resolutions', ()))
-  _check_unet(model, data, nf, ch_mult, attn_resolutions)
-  if nf % 32:
-    raise ValueError(f'ddpm uses 32-group GroupNorm: config.model.nf={nf} must be a multiple of 32')
-  return DDPM(
-      nf=nf,
-      ch_mult=ch_mult,
-      num_res_blocks=int(model.require('num_res_blocks')),
-      attn_resolutions=attn_resolutions,
-      dropout=float(model.get('dropout', 0.1)),
-      resamp_with_conv=bool(model.get('resamp_with_conv', True)),
-      scale_by_sigma=bool(model.get('scale_by_sigma', False)),
-      centered=bool(data.get('centered', True)),
-      act=layers.get_activation(model.get('nonlinearity', 'swish')),
-      sigma_min=float(model.get('sigma_min', 0.01)),
-      sigma_max=float(model.get('sigma_max', 50.0)),
-      num_scales=int(model.get('num_scales', 1000)),
+def _make_ncsnpp(model: ConfigSection, data: ConfigSection | None) -> nn.Module:
+  return NCSNpp(
+      **_unet_fields(model, data),
+      conditional=bool(model.get('conditional', True)),
+      fir=bool(model.get('fir', False)),
+      fir_kernel=_ints(model.get('fir_kernel', (1, 3, 3, 1))),
+      skip_rescale=bool(model.get('skip_rescale', True)),
+      resblock_type=_choice(model, 'resblock_type', ncsnpp.RESBLOCK_TYPES, 'biggan'),
+      progressive=_choice(model, 'progressive', ncsnpp.PROGRESSIVE, 'none'),
+      progressive_input=_choice(model, 'progressive_input', ncsnpp.PROGRESSIVE_INPUT, 'none'),
+      progressive_combine=_choice(model, 'progressive_combine', ncsnpp.PROGRESSIVE_COMBINE,
+                                  'sum'),
+      embedding_type=_choice(model, 'embedding_type', ncsnpp.EMBEDDING_TYPES, 'fourier'),
+      fourier_scale=float(model.get('fourier_scale', 16.0)),
+      init_scale=float(model.get('init_scale', 0.0)),
   )
+
+
+def _make_ddpm(model: ConfigSection, data: ConfigSection | None) -> nn.Module:
+  fields = _unet_fields(model, data)
+  if fields['nf'] % 32:
+    raise ValueError(f"ddpm uses 32-group GroupNorm: config.model.nf={fields['nf']} must be a "
+                     'multiple of 32')
+  return DDPM(**fields)
 
 
 MODELS: dict[str, Callable[[ConfigSection, ConfigSection | None], nn.Module]] = {
