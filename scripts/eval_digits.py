@@ -1,12 +1,12 @@
 """Prints digits-FID, the IS analogue, confidence and class entropy of digits samples.
 
 The input is an `.npz` with `samples` `[N, 8k, 8k, 1]` in [0, 1] (NHWC; e.g. the eval
-driver's `workdir/eval/samples_<step>.npz`) and optionally `labels` `[N]` (then accuracy
-is printed too). For comparison the same metrics of the 297 real held-out digits are
+driver's `workdir/eval/ckpt_<step>/samples_<k>.npz` shards) and optionally `labels` `[N]`
+(then accuracy is printed too). For comparison the same metrics of the 297 real held-out digits are
 printed: digits-FID depends on N, so compare runs at equal N.
 
 Usage:
-  python scripts/eval_digits.py --samples workdir/eval/samples_10000.npz
+  python scripts/eval_digits.py --samples workdir/eval/ckpt_10000/samples_0.npz
 """
 
 import argparse
