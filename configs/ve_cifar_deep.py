@@ -14,22 +14,13 @@ samples).
 Needs a prepared tfds `cifar10` (see `configs/cifar10_common.py`) and accelerators.
 """
 
-from configs.cifar10_common import get_cifar10_configs, set_model
+from configs import ve_cifar
+from configs.cifar10_common import set_model
 from scorejax.models import presets
 
 
 def get_config():
-  config = get_cifar10_configs()
-  training = config.training
-  training.sde = 'vesde'
-  training.continuous = True
-  training.reduce_mean = False
-
-  sampling = config.sampling
-  sampling.method = 'pc'
-  sampling.predictor = 'reverse_diffusion'
-  sampling.corrector = 'langevin'
-
-  config.data.centered = False
+  """`configs/ve_cifar.py` with the deep network."""
+  config = ve_cifar.get_config()
   set_model(config, presets.ncsnpp_deep_cifar10())
   return config

@@ -14,22 +14,13 @@ steps, batch 128, FID over 50k samples).
 Needs a prepared tfds `cifar10` (see `configs/cifar10_common.py`) and accelerators.
 """
 
-from configs.cifar10_common import get_cifar10_configs, set_model
+from configs import vp_cifar
+from configs.cifar10_common import set_model
 from scorejax.models import presets
 
 
 def get_config():
-  config = get_cifar10_configs()
-  training = config.training
-  training.sde = 'vpsde'
-  training.continuous = True
-  training.reduce_mean = True
-
-  sampling = config.sampling
-  sampling.method = 'pc'
-  sampling.predictor = 'euler_maruyama'
-  sampling.corrector = 'none'
-
-  config.data.centered = True
+  """`configs/vp_cifar.py` with the deep network."""
+  config = vp_cifar.get_config()
   set_model(config, presets.ddpmpp_deep_cifar10())
   return config
