@@ -86,3 +86,19 @@ def set_model(config: ml_collections.ConfigDict, preset: ml_collections.ConfigDi
     if name not in config.model:
       raise KeyError(f'preset field model.{name} is not defined in configs/default.py')
     setattr(config.model, name, value)
+
+
+def cifar10_experiment(*, sde: str, continuous: bool, reduce_mean: bool, predictor: str,
+                       corrector: str, centered: bool,
+                       model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """One row of the score_sde CIFAR-10 table: the settings in which the configs differ."""
+  config = get_cifar10_configs()
+  config.training.sde = sde
+  config.training.continuous = continuous
+  config.training.reduce_mean = reduce_mean
+  config.sampling.method = 'pc'
+  config.sampling.predictor = predictor
+  config.sampling.corrector = corrector
+  config.data.centered = centered
+  set_model(config, model)
+  return config

@@ -13,22 +13,12 @@ sampler), as reported by Song et al. 2021 (ICLR), Tables 2-3, and the score_sde 
 Needs a prepared tfds `cifar10` (see `configs/cifar10_common.py`) and accelerators.
 """
 
-from configs.cifar10_common import get_cifar10_configs, set_model
+from configs.cifar10_common import cifar10_experiment
 from scorejax.models import presets
 
 
 def get_config():
-  config = get_cifar10_configs()
-  training = config.training
-  training.sde = 'vpsde'
-  training.continuous = False
-  training.reduce_mean = True
-
-  sampling = config.sampling
-  sampling.method = 'pc'
-  sampling.predictor = 'reverse_diffusion'
-  sampling.corrector = 'none'
-
-  config.data.centered = True
-  set_model(config, presets.ddpmpp_cifar10())
-  return config
+  return cifar10_experiment(
+      sde='vpsde', continuous=False, reduce_mean=True,
+      predictor='reverse_diffusion', corrector='none', centered=True,
+      model=presets.ddpmpp_cifar10())

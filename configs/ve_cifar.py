@@ -13,22 +13,12 @@ Tables 2-3, and the score_sde README (1.3M steps, batch 128, FID over 50k sample
 Needs a prepared tfds `cifar10` (see `configs/cifar10_common.py`) and accelerators.
 """
 
-from configs.cifar10_common import get_cifar10_configs, set_model
+from configs.cifar10_common import cifar10_experiment
 from scorejax.models import presets
 
 
 def get_config():
-  config = get_cifar10_configs()
-  training = config.training
-  training.sde = 'vesde'
-  training.continuous = True
-  training.reduce_mean = False
-
-  sampling = config.sampling
-  sampling.method = 'pc'
-  sampling.predictor = 'reverse_diffusion'
-  sampling.corrector = 'langevin'
-
-  config.data.centered = False
-  set_model(config, presets.ncsnpp_cifar10())
-  return config
+  return cifar10_experiment(
+      sde='vesde', continuous=True, reduce_mean=False,
+      predictor='reverse_diffusion', corrector='langevin', centered=False,
+      model=presets.ncsnpp_cifar10())

@@ -14,22 +14,12 @@ batch 128, FID over 50k samples).
 Needs a prepared tfds `cifar10` (see `configs/cifar10_common.py`) and accelerators.
 """
 
-from configs.cifar10_common import get_cifar10_configs, set_model
+from configs.cifar10_common import cifar10_experiment
 from scorejax.models import presets
 
 
 def get_config():
-  config = get_cifar10_configs()
-  training = config.training
-  training.sde = 'vpsde'
-  training.continuous = True
-  training.reduce_mean = True
-
-  sampling = config.sampling
-  sampling.method = 'pc'
-  sampling.predictor = 'euler_maruyama'
-  sampling.corrector = 'none'
-
-  config.data.centered = True
-  set_model(config, presets.ddpmpp_cifar10())
-  return config
+  return cifar10_experiment(
+      sde='vpsde', continuous=True, reduce_mean=True,
+      predictor='euler_maruyama', corrector='none', centered=True,
+      model=presets.ddpmpp_cifar10())
