@@ -92,7 +92,41 @@ class GaussianFourierProjection(nn.Module):
     return jnp.concatenate([jnp.sin(projection), jnp.cos(projection)], axis=-1)
 
 
-def group_norm(channels: int, num_groups: int | None = None) -> nn.GroupNorm:
+class GroupNorm(nn.Module):
+  """Group normalization of NHWC images over `(H, W, channels of the group)`, eps 1e-6.
+
+  Parameters `scale`, `bias` `[C]`, like `nn.GroupNorm` (and named `GroupNorm_<k>` like
+  it). Statistics are two-pass (mean, then the mean squared deviation) from per-channel
+  sums over `H, W`, which XLA:CPU reduces ~5x faster than `nn.GroupNorm`'s reduction over
+  a `[B, H, W, G, C/G]` view (3.2 -> 0.6 ms on 8x32x32x128).
+
+  References:
+    Wu & He 2018, "Group Normalization".
+  """
+
+  num_groups: int
+  epsilon: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    B, _, _, C = x.shape
+    groups, size = self.num_groups, C // self.num_groups
+    scale = self.param('scale', nn.initializers.ones, (C,))
+    bias = self.param('bias', nn.initializers.zeros, (C,))
+    count = x.shape[1] * x.shape[2] * size
+
+    def per_group_mean(per_channel_sums: Array) -> Array:  # [B, C] -> [B, C]
+      means = jnp.sum(per_channel_sums.reshape(B, groups, size), axis=-1) / count
+      return jnp.repeat(means, size, axis=1)
+
+    mean = per_group_mean(jnp.sum(x, axis=(1, 2)))
+    centered = x - mean[:, None, None, :]
+    var = per_group_mean(jnp.sum(centered * centered, axis=(1, 2)))
+    multiplier = jax.lax.rsqrt(var + self.epsilon) * scale
+    return centered * multiplier[:, None, None, :] + bias
+
+
+def group_norm(channels: int, num_groups: int | None = None) -> GroupNorm:
   """The reference's GroupNorm: `min(C // 4, 32)` groups (or `num_groups`), eps 1e-6.
 
   Raises:
@@ -103,7 +137,7 @@ def group_norm(channels: int, num_groups: int | None = None) -> nn.GroupNorm:
     raise ValueError(f'GroupNorm: {groups} groups cannot split {channels} channels; '
                      'choose nf / ch_mult so every channel count is a multiple of 4 '
                      '(and of 32 above 128)')
-  return nn.GroupNorm(num_groups=groups, epsilon=1e-6)
+  return GroupNorm(num_groups=groups, epsilon=1e-6)
 
 
 def conv3x3(x: Array, out_ch: int, stride: int = 1, bias: bool = True, init_scale: float = 1.0,
