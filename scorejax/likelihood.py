@@ -13,15 +13,17 @@ Divergence estimators (`ESTIMATORS`):
   noise `eps` drawn per sample and kept fixed along the trajectory. One Jacobian product per
   evaluation yields the drift (its primal) and `(df/dx) eps` or `eps^T (df/dx)` together, so
   one NFE costs one linearized pass, where the reference ran the forward twice (the drift,
-  then again inside a gradient). `jacobian_product='jvp'` (forward mode) and `'vjp'`
-  (reverse mode) give the same estimate up to float rounding; `'auto'` (default) takes forward
-  mode unless the score function holds a `jax.custom_vjp` (JAX has no forward mode through
-  one; the networks' `conv2d` is one since it carries a loop-friendly gradient), then reverse.
-  On XLA CPU, with XLA's own convolution gradient, the VJP inside the solver's while loop
-  measured ~3x slower than outside it: there the input-gradient convolutions keep a
-  transposed kernel (`dim_labels=b01f_01oi`), which XLA:CPU does not hand to Eigen and runs
-  as a generic loop nest (outside loops it materialises the transpose and calls Eigen).
-  `scorejax.models.conv.conv2d` avoids that, see `docs/benchmarks.md`.
+  then again inside a gradient). `jacobian_product='jvp'` (forward mode, also what `'auto'`,
+  the default, takes) and `'vjp'` (reverse mode) give the same estimate up to float rounding.
+  Forward mode is the cheaper one: a JVP costs the forward plus one tangent convolution per
+  layer and keeps no residuals (1.91 forwards per NFE in the solver loop, measured with XLA's
+  plain convolution, `docs/benchmarks.md`), a VJP a forward that stores its activations plus
+  a backward pass (~2.8). The networks' `scorejax.models.conv.conv2d` is a JAX primitive with
+  forward- and reverse-mode rules, so both modes work through them; its transposes are
+  canonical-layout convolutions, which keeps the VJP as fast inside the solver's while loop
+  as outside (with XLA's own convolution gradient the in-loop input-gradient convolutions
+  keep a transposed kernel, `dim_labels=b01f_01oi`, which XLA:CPU runs as a generic loop
+  nest, ~3x slower).
 - `'exact'`: the full trace, `D` Jacobian-vector products of one linearization; for
   low-dimensional data (`D` up to a few dozen).
 
@@ -62,44 +64,22 @@ def _hutchinson_noise(key: Array, shape: tuple[int, ...], estimator: str) -> Arr
   return None
 
 
-def _has_custom_vjp(fn: Callable[[Array], Array], x: Array) -> bool:
-  """Whether tracing `fn(x)` meets a `jax.custom_vjp` (which has no forward mode).
-
-  JAX reports forward mode through one only when lowering, too late to switch, so `'auto'`
-  looks for one in the jaxpr (sub-jaxprs of loops, conds and calls included).
-  """
-
-  def walk(jaxpr) -> bool:
-    for eqn in jaxpr.eqns:
-      if 'custom_vjp' in eqn.primitive.name:
-        return True
-      for param in eqn.params.values():
-        for sub in param if isinstance(param, (tuple, list)) else (param,):
-          sub = getattr(sub, 'jaxpr', sub)
-          if hasattr(sub, 'eqns') and walk(sub):
-            return True
-    return False
-
-  return walk(jax.make_jaxpr(fn)(x).jaxpr)
-
-
-def _resolve_product(fn: Callable[[Array], Array], x: Array, jacobian_product: str) -> str:
-  if jacobian_product != 'auto':
-    return jacobian_product
-  return 'vjp' if _has_custom_vjp(fn, x) else 'jvp'
+def _is_forward_mode(jacobian_product: str) -> bool:
+  """`'auto'` is forward mode: the cheaper one (module docstring), for every network."""
+  return jacobian_product in ('auto', 'jvp')
 
 
 def _exact_divergence(fn: Callable[[Array], Array], x: Array,
                       jacobian_product: str) -> tuple[Array, Array]:
   """`(fn(x), div fn(x) [B])` for a batch-separable `fn`, by `D` products of one linearization.
 
-  Forward mode (`D` JVPs of `jax.linearize`) unless `jacobian_product == 'vjp'`, or `'auto'`
-  and `fn` has a `custom_vjp` (no forward mode): then `D` VJPs of one `jax.vjp`.
+  Forward mode (`D` JVPs of `jax.linearize`) unless `jacobian_product == 'vjp'`: then `D`
+  VJPs of one `jax.vjp`.
   """
   batch, dim = x.shape[0], int(np.prod(x.shape[1:]))
   basis = jnp.broadcast_to(jnp.eye(dim, dtype=x.dtype)[:, None, :], (dim, batch, dim))
   basis = basis.reshape((dim,) + x.shape)
-  if _resolve_product(fn, x, jacobian_product) == 'jvp':
+  if _is_forward_mode(jacobian_product):
     out, product_fn = jax.linearize(fn, x)
   else:
     out, vjp_fn = jax.vjp(fn, x)
@@ -111,7 +91,7 @@ def _exact_divergence(fn: Callable[[Array], Array], x: Array,
 def _hutchinson_product(fn: Callable[[Array], Array], x: Array, noise: Array,
                         jacobian_product: str) -> tuple[Array, Array]:
   """`(fn(x), noise^T (dfn/dx) noise [B])` from one JVP or one VJP (see `JACOBIAN_PRODUCTS`)."""
-  if _resolve_product(fn, x, jacobian_product) == 'jvp':
+  if _is_forward_mode(jacobian_product):
     out, jacobian_noise = jax.jvp(fn, (x,), (noise,))
     return out, _sum_except_batch(jacobian_noise * noise)
   out, vjp_fn = jax.vjp(fn, x)
@@ -174,8 +154,9 @@ def log_likelihood(
     method: a key of `scorejax.ode.ODE_METHODS`.
     n_steps: steps of the fixed-step methods; `None` means `sde.N`.
     jacobian_product: how the Jacobian products are taken: `'jvp'` (forward mode), `'vjp'`
-      (reverse mode), or `'auto'`: forward mode, unless the score function holds a
-      `jax.custom_vjp` (which has no forward mode; e.g. the networks' `conv2d`), then reverse.
+      (reverse mode), or `'auto'`: the faster one, forward mode (module docstring). The score
+      function must support the chosen mode (a `jax.custom_vjp` inside it has no forward
+      mode: pass `'vjp'` for such a function).
 
   Returns:
     `(logp [B], z [B, ...], nfe)`: log-density in nats, the latent `x(T)`, and the number of

@@ -219,11 +219,6 @@ def run(args) -> tuple[str, list[list[str]]]:
     lik_fn = jax.jit(lambda key, v, data, p=product: likelihood.log_likelihood(
         key, builder(v), sde, data, jacobian_product=p, method='rk45', **tol))
     goal = '; goal <= 2.0' if product == 'jvp' else ''
-    if product == 'jvp' and likelihood._has_custom_vjp(  # noqa: SLF001  (bench introspection)
-        lambda y: builder(variables)(y, t), x):
-      rows.append(['likelihood, in-graph `rk45`, Rademacher (JVP with the drift)', '-', '-', '-',
-                   '-', 'not possible: the network holds a `jax.custom_vjp` (no forward mode)'])
-      continue
     logp, _, _ = add(
         f'likelihood, in-graph `rk45`, Rademacher ({product.upper()} with the drift)',
         lambda out: int(out[2]),

@@ -1,4 +1,4 @@
-"""2-D convolution whose gradient stays fast inside XLA:CPU loops.
+"""2-D convolution whose gradient stays fast inside XLA:CPU loops, in every autodiff mode.
 
 XLA:CPU runs a convolution through its fast (Eigen) routine only in the canonical
 layout (NHWC images, HWIO kernel). Outside loops it transposes the operands of the
@@ -8,71 +8,220 @@ nest (jax-ml/jax#12868). Measured here, 3x3 conv 128->128 on 8x32x32: kernel gra
 20 ms outside a scan, 1530 ms inside; input gradient 15 ms / 83 ms. This made
 score_sde's JAX training step (which scans) 4-5x slower than PyTorch on CPU.
 
-`conv2d` keeps XLA's forward convolution and, on CPU, writes both gradients as forward
-convolutions in the canonical layout, with explicit transposes:
+Design: `conv2d` binds `conv_p`, a JAX primitive for the canonical-layout convolution
+`conv_p(lhs [N, H, W, C], rhs [kh, kw, C / G, O]; strides, padding, rhs_dilation,
+feature_group_count=G)`. Its value and lowering are `lax.conv_general_dilated` with
+`('NHWC', 'HWIO', 'NHWC')`. It is bilinear, so
 
-* input gradient: `dy` zero-inserted by the stride and padded, convolved with the
-  spatially flipped kernel (input / output channels swapped);
-* kernel gradient: the images `x^T` `[C_in, H, W, B]` (batch C_in, features B)
-  convolved with `dy^T` `[H', W', B, C_out]` as the kernel (dilated by the stride).
+* forward mode (JVP) is `conv_p(dx, w) + conv_p(x, dw)` (`ad.defbilinear`);
+* reverse mode transposes it. On CPU both transposes are again `conv_p` in canonical
+  layout, wrapped in linear `lax` ops (pad, slice, transpose, reshape, flip):
 
-They cost what XLA's own gradient costs outside loops and the same inside. On other
-platforms (GPU / TPU) the gradient is XLA's native one (`lax.platform_dependent`).
-Forward values are XLA's convolution, unchanged.
+  - wrt `lhs` (input gradient): `dy` zero-inserted by the stride (interior padding) and
+    edge-padded, convolved with the spatially flipped kernel, input / output channels
+    swapped within each group, dilated as the forward kernel was;
+  - wrt `rhs` (kernel gradient): the images `x^T` `[C / G, H, W, G N]` (batch C / G,
+    features G x N) convolved with `dy^T` `[H', W', N, O]` as the kernel (dilated by
+    the stride, G groups), then every `rhs_dilation`-th tap sliced out and transposed.
+
+  Because those rules only use `conv_p` and linear ops, the rule set is closed under
+  repeated differentiation: jvp, vjp, jvp-of-vjp (forward-over-reverse), vjp-of-jvp
+  (sliced score matching training), ... all stay in canonical layout. `rhs_dilation != 1`
+  and `feature_group_count != 1` appear only in these derived convolutions (a kernel
+  gradient of a strided conv is dilated by the stride; vmap over kernels uses groups).
+  On other platforms (GPU / TPU) the transposes are XLA's native ones (`jax.linear_transpose`
+  of the plain `lax` convolution), chosen by `lax.platform_dependent` inside the rules;
+  `loop_friendly_grads` / `native_grads` expose both for tests.
+* vmap: a batched `lhs` alone is folded into `N`; a batched `rhs` alone into the output
+  channels (`O -> G x B x O / G`); both batched (per-example kernels, e.g. `vmap` of a
+  gradient) become `B x G` feature groups, as `lax`'s own batching rule does.
+
+Forward values are XLA's convolution, unchanged. On CPU the gradients cost what XLA's own
+gradient costs outside loops, and the same inside. Second-order terms of strided convs run
+dilated-kernel convolutions (still canonical); feature-grouped ones (vmap with batched
+kernels) are left to XLA's grouped convolution, whose CPU speed was not measured here.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
 
 Array = jax.Array
+Pair = tuple[int, int]
 Padding = tuple[tuple[int, int], tuple[int, int]]
 _DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
+_NO_PADDING: Padding = ((0, 0), (0, 0))
 
 
-def _conv(x: Array, kernel: Array, strides: tuple[int, int], padding: Padding) -> Array:
-  return lax.conv_general_dilated(x, kernel, strides, padding,
-                                  dimension_numbers=_DIMENSION_NUMBERS)
+def _lax_conv(lhs: Array, rhs: Array, *, strides: Pair, padding: Padding, rhs_dilation: Pair,
+              feature_group_count: int) -> Array:
+  return lax.conv_general_dilated(lhs, rhs, strides, padding, rhs_dilation=rhs_dilation,
+                                  dimension_numbers=_DIMENSION_NUMBERS,
+                                  feature_group_count=feature_group_count)
 
 
-def _kernel_grad(x: Array, dy: Array, kernel_shape: tuple[int, ...], strides: tuple[int, int],
-                 padding: Padding) -> Array:
-  """`dkernel[i, j] = sum_{b,h,w} x_pad[b, s h + i, s w + j]^T dy[b, h, w]`, as a forward
-  convolution in canonical layout: images `x^T` `[C_in, H, W, B]` (batch C_in, features
-  B) convolved with the kernel `dy` `[H', W', B, C_out]` dilated by the stride."""
-  kh, kw = kernel_shape[:2]
-  out = lax.conv_general_dilated(
-      x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), (1, 1), padding,
-      rhs_dilation=strides, dimension_numbers=_DIMENSION_NUMBERS)
-  return out[:, :kh, :kw, :].transpose(1, 2, 0, 3)
+# -- the primitive ---------------------------------------------------------------------------
+
+conv_p = Primitive('scorejax_conv2d')
 
 
-def _input_grad(dy: Array, kernel: Array, x_shape: tuple[int, ...], strides: tuple[int, int],
-                padding: Padding) -> Array:
+def _conv(lhs: Array, rhs: Array, strides: Pair = (1, 1), padding: Padding = _NO_PADDING,
+          rhs_dilation: Pair = (1, 1), feature_group_count: int = 1) -> Array:
+  """Binds `conv_p` with hashable parameters."""
+  return conv_p.bind(lhs, rhs, strides=tuple(map(int, strides)),
+                     padding=tuple((int(a), int(b)) for a, b in padding),
+                     rhs_dilation=tuple(map(int, rhs_dilation)),
+                     feature_group_count=int(feature_group_count))
+
+
+def _output_size(size: int, kernel: int, stride: int, pad: tuple[int, int], dilation: int) -> int:
+  return (size + pad[0] + pad[1] - (dilation * (kernel - 1) + 1)) // stride + 1
+
+
+def _abstract_eval(lhs, rhs, *, strides, padding, rhs_dilation, feature_group_count):
+  n, h, w, c = lhs.shape
+  kh, kw, c_group, c_out = rhs.shape
+  if lhs.dtype != rhs.dtype:
+    raise TypeError(f'conv2d: operand dtypes differ: {lhs.dtype} and {rhs.dtype}')
+  if c != c_group * feature_group_count or c_out % feature_group_count:
+    raise ValueError(f'conv2d: input {lhs.shape} and kernel {rhs.shape} do not match with '
+                     f'{feature_group_count} feature groups')
+  out_h = _output_size(h, kh, strides[0], padding[0], rhs_dilation[0])
+  out_w = _output_size(w, kw, strides[1], padding[1], rhs_dilation[1])
+  return jax.core.ShapedArray((n, out_h, out_w, c_out), lhs.dtype)
+
+
+conv_p.def_impl(_lax_conv)
+conv_p.def_abstract_eval(_abstract_eval)
+mlir.register_lowering(conv_p, mlir.lower_fun(_lax_conv, multiple_results=False))
+
+
+# -- reverse mode: the transposes as canonical-layout convolutions -----------------------------
+
+
+def _input_grad(dy: Array, kernel: Array, x_shape: tuple[int, ...], strides: Pair,
+                padding: Padding, rhs_dilation: Pair = (1, 1),
+                feature_group_count: int = 1) -> Array:
   """The transposed convolution as a forward one: `dy` zero-inserted by the stride and
-  padded, convolved with the spatially flipped kernel (input / output swapped)."""
-  kh, kw = kernel.shape[:2]
-  (p0, _), (q0, _) = padding
-  sh, sw = strides
-  out_h, out_w = dy.shape[1:3]
-  config = [(0, 0, 0),
-            (kh - 1 - p0, x_shape[1] - sh * (out_h - 1) + p0 - 1, sh - 1),
-            (kw - 1 - q0, x_shape[2] - sw * (out_w - 1) + q0 - 1, sw - 1),
-            (0, 0, 0)]
+  padded, convolved with the spatially flipped kernel (input / output swapped per group)."""
+  kh, kw, c_group, c_out = kernel.shape
+  groups = feature_group_count
+  config = [(0, 0, 0)]
+  for size, k, s, d, (p0, _), out in zip(x_shape[1:3], (kh, kw), strides, rhs_dilation, padding,
+                                         dy.shape[1:3], strict=True):
+    span = d * (k - 1) + 1  # the dilated kernel's extent
+    config.append((span - 1 - p0, size - s * (out - 1) + p0 - 1, s - 1))
+  config.append((0, 0, 0))
   dy = lax.pad(dy, jnp.zeros((), dy.dtype), config)
-  return _conv(dy, jnp.flip(kernel, (0, 1)).swapaxes(2, 3), (1, 1), ((0, 0), (0, 0)))
+  flipped = jnp.flip(kernel, (0, 1)).reshape(kh, kw, c_group, groups, c_out // groups)
+  flipped = flipped.transpose(0, 1, 4, 3, 2).reshape(kh, kw, c_out // groups, groups * c_group)
+  return _conv(dy, flipped, (1, 1), _NO_PADDING, rhs_dilation, groups)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _kernel_grad(x: Array, dy: Array, kernel_shape: tuple[int, ...], strides: Pair,
+                 padding: Padding, rhs_dilation: Pair = (1, 1),
+                 feature_group_count: int = 1) -> Array:
+  """`dkernel[i, j] = sum_{b,h,w} x_pad[b, s h + d i, s w + d j]^T dy[b, h, w]` (per group),
+  as a forward convolution in canonical layout: images `x^T` `[C / G, H, W, G B]` (batch
+  C / G, features G x B) convolved with the kernel `dy` `[H', W', B, C_out]` dilated by the
+  stride, in G groups; then every d-th tap."""
+  kh, kw, c_group, _ = kernel_shape
+  batch, h, w, _ = x.shape
+  groups = feature_group_count
+  images = x.reshape(batch, h, w, groups, c_group).transpose(4, 1, 2, 3, 0)
+  images = images.reshape(c_group, h, w, groups * batch)
+  out = _conv(images, dy.transpose(1, 2, 0, 3), (1, 1), padding, strides, groups)
+  dh, dw = rhs_dilation
+  out = lax.slice(out, (0, 0, 0, 0), (c_group, dh * (kh - 1) + 1, dw * (kw - 1) + 1, out.shape[3]),
+                  (1, dh, dw, 1))
+  return out.transpose(1, 2, 0, 3)
+
+
+def _native_input_grad(dy: Array, kernel: Array, x_shape: tuple[int, ...], strides: Pair,
+                       padding: Padding, rhs_dilation: Pair = (1, 1),
+                       feature_group_count: int = 1) -> Array:
+  """XLA's own input gradient (transpose of the `lax` convolution; GPU / TPU)."""
+  fn = lambda x: _lax_conv(x, kernel, strides=strides, padding=padding,
+                           rhs_dilation=rhs_dilation, feature_group_count=feature_group_count)
+  return jax.linear_transpose(fn, jax.ShapeDtypeStruct(x_shape, dy.dtype))(dy)[0]
+
+
+def _native_kernel_grad(x: Array, dy: Array, kernel_shape: tuple[int, ...], strides: Pair,
+                        padding: Padding, rhs_dilation: Pair = (1, 1),
+                        feature_group_count: int = 1) -> Array:
+  """XLA's own kernel gradient (transpose of the `lax` convolution; GPU / TPU)."""
+  fn = lambda kernel: _lax_conv(x, kernel, strides=strides, padding=padding,
+                                rhs_dilation=rhs_dilation,
+                                feature_group_count=feature_group_count)
+  return jax.linear_transpose(fn, jax.ShapeDtypeStruct(kernel_shape, dy.dtype))(dy)[0]
+
+
+def _transpose_lhs(ct, lhs, rhs, **params):
+  shape = lhs.aval.shape
+  return lax.platform_dependent(
+      ct, rhs,
+      cpu=lambda ct, rhs: _input_grad(ct, rhs, shape, **params),
+      default=lambda ct, rhs: _native_input_grad(ct, rhs, shape, **params))
+
+
+def _transpose_rhs(ct, lhs, rhs, **params):
+  shape = rhs.aval.shape
+  return lax.platform_dependent(
+      ct, lhs,
+      cpu=lambda ct, lhs: _kernel_grad(lhs, ct, shape, **params),
+      default=lambda ct, lhs: _native_kernel_grad(lhs, ct, shape, **params))
+
+
+ad.defbilinear(conv_p, _transpose_lhs, _transpose_rhs)
+
+
+# -- vmap ------------------------------------------------------------------------------------
+
+
+def _batch_rule(args, dims, *, feature_group_count, **params):
+  lhs, rhs = args
+  lhs_dim, rhs_dim = dims
+  groups = feature_group_count
+  if rhs_dim is None:  # fold the batch into N
+    lhs = jnp.moveaxis(lhs, lhs_dim, 0)
+    out = _conv(lhs.reshape(-1, *lhs.shape[2:]), rhs, feature_group_count=groups, **params)
+    return out.reshape(lhs.shape[0], -1, *out.shape[1:]), 0
+  rhs = jnp.moveaxis(rhs, rhs_dim, 0)
+  size, kh, kw, c_group, c_out = rhs.shape
+  per_group = c_out // groups
+  if lhs_dim is None:  # fold the batch into the output channels of each group
+    kernel = rhs.reshape(size, kh, kw, c_group, groups, per_group)
+    kernel = kernel.transpose(1, 2, 3, 4, 0, 5).reshape(kh, kw, c_group, size * c_out)
+    out = _conv(lhs, kernel, feature_group_count=groups, **params)
+    out = out.reshape(*out.shape[:3], groups, size, per_group)
+    return out.transpose(4, 0, 1, 2, 3, 5).reshape(size, *out.shape[:3], c_out), 0
+  # Both batched: each batch element is `groups` more feature groups.
+  lhs = jnp.moveaxis(lhs, lhs_dim, 3)  # [N, H, W, B, C]
+  lhs = lhs.reshape(*lhs.shape[:3], -1)
+  kernel = rhs.transpose(1, 2, 3, 0, 4).reshape(kh, kw, c_group, size * c_out)
+  out = _conv(lhs, kernel, feature_group_count=size * groups, **params)
+  return jnp.moveaxis(out.reshape(*out.shape[:3], size, c_out), 3, 0), 0
+
+
+batching.primitive_batchers[conv_p] = _batch_rule
+
+
+# -- the public function -----------------------------------------------------------------------
+
+
 def conv2d(x: Array, kernel: Array, strides: tuple[int, int] = (1, 1),
-           padding: Padding = ((0, 0), (0, 0))) -> Array:
+           padding: Padding = _NO_PADDING) -> Array:
   """NHWC / HWIO convolution with explicit padding and a loop-friendly gradient.
+
+  Differentiable in every mode and order (jvp, vjp and their compositions) and vmappable;
+  see the module docstring.
 
   Args:
     x: `[B, H, W, C_in]`.
@@ -86,33 +235,21 @@ def conv2d(x: Array, kernel: Array, strides: tuple[int, int] = (1, 1),
   return _conv(x, kernel, strides, padding)
 
 
-def _conv2d_fwd(x, kernel, strides, padding):
-  return _conv(x, kernel, strides, padding), (x, kernel)
-
-
 def loop_friendly_grads(x: Array, kernel: Array, dy: Array, strides: tuple[int, int],
-                        padding: Padding) -> tuple[Array, Array]:
+                        padding: Padding, rhs_dilation: Pair = (1, 1),
+                        feature_group_count: int = 1) -> tuple[Array, Array]:
   """`(dx, dkernel)` by two forward convolutions in canonical layout (the CPU gradient)."""
-  return (_input_grad(dy, kernel, x.shape, strides, padding),
-          _kernel_grad(x, dy, kernel.shape, strides, padding))
+  args = (strides, padding, rhs_dilation, feature_group_count)
+  return _input_grad(dy, kernel, x.shape, *args), _kernel_grad(x, dy, kernel.shape, *args)
 
 
 def native_grads(x: Array, kernel: Array, dy: Array, strides: tuple[int, int],
-                 padding: Padding) -> tuple[Array, Array]:
+                 padding: Padding, rhs_dilation: Pair = (1, 1),
+                 feature_group_count: int = 1) -> tuple[Array, Array]:
   """`(dx, dkernel)` as XLA differentiates its convolution (the GPU / TPU gradient)."""
-  _, vjp = jax.vjp(lambda x, kernel: _conv(x, kernel, strides, padding), x, kernel)
-  return vjp(dy)
-
-
-def _conv2d_bwd(strides, padding, residuals, dy):
-  x, kernel = residuals
-  return lax.platform_dependent(
-      x, kernel, dy,
-      cpu=lambda *args: loop_friendly_grads(*args, strides, padding),
-      default=lambda *args: native_grads(*args, strides, padding))
-
-
-conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+  args = (strides, padding, rhs_dilation, feature_group_count)
+  return (_native_input_grad(dy, kernel, x.shape, *args),
+          _native_kernel_grad(x, dy, kernel.shape, *args))
 
 
 def resolve_padding(padding: str | Sequence[tuple[int, int]], in_hw: tuple[int, int],
