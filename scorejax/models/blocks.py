@@ -18,6 +18,7 @@ import numpy as np
 
 from scorejax.models import upfirdn
 from scorejax.models.conv import conv2d
+from scorejax.models.dropout import Dropout
 from scorejax.models.layers import NIN, conv1x1, conv3x3, default_init, group_norm
 
 Array = jax.Array
@@ -175,7 +176,7 @@ class ResnetBlockDDPMpp(nn.Module):
     if temb is not None:
       h = h + nn.Dense(out_ch, kernel_init=default_init())(self.act(temb))[:, None, None, :]
     h = self.act(group_norm(out_ch, self.num_groups)(h))
-    h = nn.Dropout(self.dropout)(h, deterministic=not train)
+    h = Dropout(self.dropout)(h, deterministic=not train)
     h = conv3x3(h, out_ch, init_scale=self.init_scale)
     if C != out_ch:
       x = conv3x3(x, out_ch) if self.conv_shortcut else NIN(out_ch)(x)
@@ -226,7 +227,7 @@ class ResnetBlockBigGANpp(nn.Module):
     if temb is not None:
       h = h + nn.Dense(out_ch, kernel_init=default_init())(self.act(temb))[:, None, None, :]
     h = self.act(group_norm(out_ch)(h))
-    h = nn.Dropout(self.dropout)(h, deterministic=not train)
+    h = Dropout(self.dropout)(h, deterministic=not train)
     h = conv3x3(h, out_ch, init_scale=self.init_scale)
     if C != out_ch or self.up or self.down:
       x = conv1x1(x, out_ch)
