@@ -148,17 +148,61 @@ def bench(name: str, repeats: int, devices: int = 1) -> dict:
           'params': sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params)), **timings}
 
 
-NOTES = '''Where the time went. The train step is `scorejax.train.make_train_step`, a `lax.scan`
-over the fused steps (score_sde's `n_jitted_steps`). XLA:CPU computes a convolution's
-kernel gradient ~20x slower inside a loop body than outside (jax-ml/jax#12868; 3x3,
-64->64 conv on 8x16x16: 3.5 ms outside, 89 ms inside a scan), which made the step 4-5x
-slower than PyTorch (small DDPM++: 0.82 s; the 2021 JAX reference, which also scans,
-0.87 s). `scorejax.models.conv.conv2d` keeps XLA's forward convolution and gives it a
-custom gradient on CPU: one GEMM per kernel tap for the kernel gradient and a forward
-convolution with the flipped kernel for the input gradient (6 ms inside a scan for the
-conv above). GroupNorm, attention and dense layers showed no loop penalty; dropout's
-threefry masks cost ~1 ms per 131k activations. Compilation of the train step
-(tens of seconds on this CPU) is XLA:CPU code generation for ~1000 fusions.'''
+NOTES = '''Where the time went (`scripts/profile_step.py` sums XLA:CPU's per-op trace events
+by layer and operation; batch 8, single layers timed in and outside `lax.scan`):
+- XLA:CPU runs a convolution on its fast library path only in the canonical NHWC / HWIO
+  layout. Inside a `while` body (score_sde's scanned `n_jitted_steps`, in-graph solvers)
+  it does not transpose gradient convolutions into it and falls back to a loop nest
+  (jax-ml/jax#12868; 3x3 128->128 on 8x32x32: kernel gradient 20 ms outside a scan,
+  1530 ms inside), which made score_sde's JAX step 4-5x slower than PyTorch.
+  `scorejax.models.conv` makes the convolution a bilinear primitive whose JVP and
+  transposes are themselves canonical convolutions: per layer (8x32x32, 256->256) forward
+  52 ms, input gradient 52 ms, kernel gradient 59-68 ms, against PyTorch's 42 / 44 / 53 ms,
+  the same inside and outside loops, and forward mode works (likelihood, sliced score
+  matching).
+- Residual dropout: JAX lowers its Threefry hash on CPU as a `while` loop over the whole
+  mask; `scorejax.models.dropout` writes the 20 rounds unrolled (same bits, same masks as
+  `nn.Dropout`), fused into one pass: 7.0 -> 1.05 ms per 8x32x32x128 mask, and the CIFAR-10
+  step 5.03 -> 4.26 s in an interleaved A/B on a busy machine.
+- GroupNorm from per-channel sums (the `[B, H, W, G, C/G]` reduction of `nn.GroupNorm` is
+  ~5x slower on XLA:CPU), and a non-finite update skipped with `lax.cond` instead of a
+  select over the whole state (clip + Adam + EMA of 61.8M parameters: 0.47 -> 0.26 s).
+- What is left: the kernel gradient needs the activations as `[C, H, W, B]`, and XLA:CPU
+  transposes to a small innermost dimension at ~3 GB/s (~0.4-0.5 s of op time per CIFAR-10
+  step); kernel-gradient convolutions (8 input features, a 32x32 window) run at ~145
+  GFLOP/s against ~185 for the forward ones; the optimizer and EMA (~0.25 s) are
+  memory-bound. Two virtual devices help the small networks' forward (2x) but not the
+  CIFAR-10 step. This VM's speed drifts by 10-20% over minutes (the same build measured
+  3.86 s and 4.3-4.6 s per CIFAR-10 step within an hour on an idle machine): compare rows
+  of one run, or interleaved A/B runs, not runs taken at different times.'''
+
+
+def calibration_ms(repeats: int) -> dict[str, float]:
+  """One 3x3 conv, 128 -> 128 on 8x32x32, forward + both gradients: this package (one jitted
+  `jax.grad`) and PyTorch (autograd) when installed, best of `repeats`. On the idle
+  development machine: ~45 ms (JAX) and ~42 ms (PyTorch); this VM's speed drifts by 10-20%
+  over minutes, so the line says how fast the machine was during the run."""
+  from scorejax.models.conv import conv2d
+
+  x = jax.random.normal(jax.random.key(0), (8, 32, 32, 128))
+  w = 0.05 * jax.random.normal(jax.random.key(1), (3, 3, 128, 128))
+  grad = jax.jit(jax.grad(lambda x, w: jnp.sum(conv2d(x, w, (1, 1), ((1, 1), (1, 1))) ** 2),
+                          (0, 1)))
+  out = {'jax': 1e3 * _best_time(lambda: grad(x, w), repeats)}
+  try:
+    import torch
+  except ImportError:
+    return out
+  torch.set_num_threads(os.cpu_count() or 1)
+  xt = torch.randn(8, 128, 32, 32, requires_grad=True)
+  wt = (0.05 * torch.randn(128, 128, 3, 3)).requires_grad_()
+
+  def torch_step():
+    (torch.nn.functional.conv2d(xt, wt, padding=1) ** 2).sum().backward()
+    return 0
+
+  out['torch'] = 1e3 * _best_time(torch_step, repeats)
+  return out
 
 
 def _table(results: list[dict]) -> str:
@@ -204,6 +248,8 @@ def main() -> None:
   jax.config.update('jax_default_matmul_precision', 'highest')
 
   load_before = os.getloadavg()[0]
+  calibration = calibration_ms(args.repeats)
+  print(json.dumps({'calibration_ms': calibration}), flush=True)
   results = []
   for name in args.cases.split(','):
     for devices in device_counts:
@@ -214,10 +260,12 @@ def main() -> None:
   if not args.no_write:
     machine = f'{platform.machine()}, {os.cpu_count()} CPU cores'
     load = f'{load_before:.1f} / {os.getloadavg()[0]:.1f}'
+    speed = ', '.join(f'{k} {v:.1f} ms' for k, v in calibration.items())
     _write('## Models (`scripts/bench_models.py`)\n\n'
-           f'Machine: {machine}, 1-minute load average before / after: {load} (other jobs '
-           f'were running: a load above 1 slows these numbers); batch {BATCH}, float32, '
-           'precision "highest"; '
+           f'Machine: {machine}, 1-minute load average before / after: {load} (a load above '
+           f'1 means other jobs were running); speed check (one 3x3 conv 128->128 on 8x32x32, '
+           f'forward + gradients, see `calibration_ms`; ~45 / ~42 ms when the machine is at its '
+           f'fastest): {speed}; batch {BATCH}, float32, precision "highest"; '
            f'JAX {jax.__version__}. Command: `python scripts/bench_models.py '
            f'--repeats {args.repeats} --devices {args.devices}`.\n\n{table}\n\n{NOTES}')
 
