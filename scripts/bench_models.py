@@ -172,16 +172,18 @@ by layer and operation; batch 8, single layers timed in and outside `lax.scan`):
   step); kernel-gradient convolutions (8 input features, a 32x32 window) run at ~145
   GFLOP/s against ~185 for the forward ones; the optimizer and EMA (~0.25 s) are
   memory-bound. Two virtual devices help the small networks' forward (2x) but not the
-  CIFAR-10 step. This VM's speed drifts by 10-20% over minutes (the same build measured
-  3.86 s and 4.3-4.6 s per CIFAR-10 step within an hour on an idle machine): compare rows
-  of one run, or interleaved A/B runs, not runs taken at different times.'''
+  CIFAR-10 step. This VM's speed drifts by up to ~30% over minutes with nothing else
+  running (one build measured 1.00 s / 3.86 s per CIFAR-10 forward / step, and an hour
+  later, with the faster dropout, 1.29 s / 5.0 s, compile times up by the same factor):
+  read the speed-check column, compare rows of one run, or use interleaved A/B runs.'''
 
 
 def calibration_ms(repeats: int) -> dict[str, float]:
   """One 3x3 conv, 128 -> 128 on 8x32x32, forward + both gradients: this package (one jitted
   `jax.grad`) and PyTorch (autograd) when installed, best of `repeats`. On the idle
-  development machine: ~45 ms (JAX) and ~42 ms (PyTorch); this VM's speed drifts by 10-20%
-  over minutes, so the line says how fast the machine was during the run."""
+  development machine at its fastest: ~55 ms (JAX) and ~42 ms (PyTorch). This VM's speed
+  drifts by up to ~30% over minutes; the PyTorch number, taken again after every row
+  ("speed check ms"), says how fast the machine was for that row."""
   from scorejax.models.conv import conv2d
 
   x = jax.random.normal(jax.random.key(0), (8, 32, 32, 128))
@@ -208,8 +210,8 @@ def calibration_ms(repeats: int) -> dict[str, float]:
 def _table(results: list[dict]) -> str:
   rows = ['| network | devices | params | forward s | fwd images/s | fwd GFLOP | fwd GFLOP/s '
           '| train step s | step images/s | step GFLOP | step GFLOP/s '
-          '| PyTorch forward / step s | compile s (fwd / step) |',
-          '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+          '| PyTorch forward / step s | compile s (fwd / step) | speed check ms |',
+          '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
   for r in results:
     ref = TORCH_REFERENCE.get(r['name'])
     rows.append(
@@ -219,7 +221,8 @@ def _table(results: list[dict]) -> str:
         f"| {BATCH / r['step_s']:.1f} | {r['step_gflop']:.1f} "
         f"| {r['step_gflop'] / r['step_s']:.0f} "
         f"| {f'{ref[0]:.3f} / {ref[1]:.3f}' if ref else '-'} "
-        f"| {r['forward_compile_s']:.0f} / {r['step_compile_s']:.0f} |")
+        f"| {r['forward_compile_s']:.0f} / {r['step_compile_s']:.0f} "
+        f"| {r.get('check_ms', float('nan')):.1f} |")
   return '\n'.join(rows)
 
 
@@ -254,6 +257,8 @@ def main() -> None:
   for name in args.cases.split(','):
     for devices in device_counts:
       results.append(bench(name, args.repeats, devices))
+      # The machine's speed right after the row (it drifts): PyTorch's one-conv step.
+      results[-1]['check_ms'] = calibration_ms(args.repeats).get('torch', float('nan'))
       print(json.dumps(results[-1]), flush=True)
   table = _table(results)
   print(table)
@@ -264,8 +269,8 @@ def main() -> None:
     _write('## Models (`scripts/bench_models.py`)\n\n'
            f'Machine: {machine}, 1-minute load average before / after: {load} (a load above '
            f'1 means other jobs were running); speed check (one 3x3 conv 128->128 on 8x32x32, '
-           f'forward + gradients, see `calibration_ms`; ~45 / ~42 ms when the machine is at its '
-           f'fastest): {speed}; batch {BATCH}, float32, precision "highest"; '
+           f'forward + gradients, see `calibration_ms`; ~55 / ~42 ms when the machine is at its '
+           f'fastest): {speed} before the first row; batch {BATCH}, float32, precision "highest"; '
            f'JAX {jax.__version__}. Command: `python scripts/bench_models.py '
            f'--repeats {args.repeats} --devices {args.devices}`.\n\n{table}\n\n{NOTES}')
 
