@@ -181,9 +181,9 @@ by layer and operation; batch 8, single layers timed in and outside `lax.scan`):
 def calibration_ms(repeats: int) -> dict[str, float]:
   """One 3x3 conv, 128 -> 128 on 8x32x32, forward + both gradients: this package (one jitted
   `jax.grad`) and PyTorch (autograd) when installed, best of `repeats`. On the idle
-  development machine at its fastest: ~55 ms (JAX) and ~42 ms (PyTorch). This VM's speed
-  drifts by up to ~30% over minutes; the PyTorch number, taken again after every row
-  ("speed check ms"), says how fast the machine was for that row."""
+  development machine: ~50-56 ms (JAX) and ~42-45 ms (PyTorch). The PyTorch number is taken
+  again after every row ("speed check ms"); it did not move when this VM's XLA timings
+  drifted by ~25% (see docs/benchmarks.md), so it rules out other load, not the drift."""
   from scorejax.models.conv import conv2d
 
   x = jax.random.normal(jax.random.key(0), (8, 32, 32, 128))
@@ -269,8 +269,8 @@ def main() -> None:
     _write('## Models (`scripts/bench_models.py`)\n\n'
            f'Machine: {machine}, 1-minute load average before / after: {load} (a load above '
            f'1 means other jobs were running); speed check (one 3x3 conv 128->128 on 8x32x32, '
-           f'forward + gradients, see `calibration_ms`; ~55 / ~42 ms when the machine is at its '
-           f'fastest): {speed} before the first row; batch {BATCH}, float32, precision "highest"; '
+           f'forward + gradients, see `calibration_ms`): {speed} before the first row; '
+           f'batch {BATCH}, float32, precision "highest"; '
            f'JAX {jax.__version__}. Command: `python scripts/bench_models.py '
            f'--repeats {args.repeats} --devices {args.devices}`.\n\n{table}\n\n{NOTES}')
 
