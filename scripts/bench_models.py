@@ -16,8 +16,11 @@ GFLOP/s is that divided by the time. For scale: the issue estimated the 2-core C
 development machine at ~150 GFLOP/s float32 through XLA; single 3x3 convolutions reach
 ~175 GFLOP/s in XLA and ~190-210 in PyTorch there, and PyTorch's CIFAR-10 DDPM++ train step
 (4.9e11 FLOP in 3.94 s) runs at ~125 GFLOP/s.
-The PyTorch reference (score_sde_pytorch, same CPU, torch 2.13, as measured for the
-issue) is listed beside it.
+For the DDPM++ cases, when torch imports, a PyTorch DDPM++ (`scripts/torch_ddpmpp.py`,
+checked against the reference's golden output first) is timed in the same run right after
+that case's JAX rows: forward (eval, no grad) and the same train step (continuous VP loss,
+dropout, clipping, Adam, EMA), random weights, best of `--repeats` after a warm-up. The
+numbers measured once for the issue (score_sde_pytorch, `TORCH_REFERENCE`) are in the notes.
 
 Usage:
   python scripts/bench_models.py [--repeats 5] [--cases ddpmpp_cifar10,ddpmpp_small]
@@ -45,7 +48,8 @@ from scorejax.models import make_model, presets
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BATCH = 8
-# score_sde_pytorch on the same CPU, batch 8 (seconds): (forward, train step).
+# score_sde_pytorch on the same CPU, batch 8 (seconds): (forward, train step), measured
+# once for the issue; the table shows scripts/torch_ddpmpp.py timed in the same run.
 TORCH_REFERENCE = {'ddpmpp_cifar10': (1.09, 3.94), 'ddpmpp_small': (0.042, 0.157)}
 
 
@@ -135,6 +139,27 @@ def build(name: str, what: str, devices: int = 1):
   return call, compiled
 
 
+def torch_times(name: str, repeats: int) -> tuple[float, float] | None:
+  """PyTorch DDPM++ `(forward s, train step s)` of case `name`, batch `BATCH`, or None when
+  torch is missing or the case has no PyTorch twin. Runs the golden-output check first."""
+  if name not in TORCH_REFERENCE:
+    return None
+  try:
+    import torch  # noqa: F401
+  except ImportError:
+    return None
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location('torch_ddpmpp',
+                                                ROOT / 'scripts' / 'torch_ddpmpp.py')
+  torch_ddpmpp = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(torch_ddpmpp)
+  torch_ddpmpp.check()
+  config, _ = _case(name)
+  return (torch_ddpmpp.time_forward(config, BATCH, repeats),
+          torch_ddpmpp.time_train_step(config, BATCH, repeats))
+
+
 def bench(name: str, repeats: int, devices: int = 1) -> dict:
   timings = {}
   for what in ('forward', 'step'):
@@ -175,7 +200,11 @@ by layer and operation; batch 8, single layers timed in and outside `lax.scan`):
   CIFAR-10 step. This VM's speed drifts by up to ~30% over minutes with nothing else
   running (one build measured 1.00 s / 3.86 s per CIFAR-10 forward / step, and an hour
   later, with the faster dropout, 1.29 s / 5.0 s, compile times up by the same factor):
-  read the speed-check column, compare rows of one run, or use interleaved A/B runs.'''
+  read the speed-check column, compare rows of one run, or use interleaved A/B runs.
+- The "PyTorch forward / step" column is `scripts/torch_ddpmpp.py` timed in this run (same
+  DDPM++, golden-checked against score_sde_pytorch). The issue's one-off score_sde_pytorch
+  numbers (batch 8, forward / step s): ''' + '; '.join(
+    f'{k} {v[0]:.3f} / {v[1]:.3f}' for k, v in TORCH_REFERENCE.items()) + '.'
 
 
 def calibration_ms(repeats: int) -> dict[str, float]:
@@ -213,14 +242,14 @@ def _table(results: list[dict]) -> str:
           '| PyTorch forward / step s | compile s (fwd / step) | speed check ms |',
           '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
   for r in results:
-    ref = TORCH_REFERENCE.get(r['name'])
+    ref = r.get('torch_s')
     rows.append(
         f"| {r['name']} | {r['devices']} | {r['params'] / 1e6:.2f}M | {r['forward_s']:.3f} "
         f"| {BATCH / r['forward_s']:.1f} | {r['forward_gflop']:.1f} "
         f"| {r['forward_gflop'] / r['forward_s']:.0f} | {r['step_s']:.3f} "
         f"| {BATCH / r['step_s']:.1f} | {r['step_gflop']:.1f} "
         f"| {r['step_gflop'] / r['step_s']:.0f} "
-        f"| {f'{ref[0]:.3f} / {ref[1]:.3f}' if ref else '-'} "
+        f"| {f'{ref[0]:.3f} / {ref[1]:.3f} (this run)' if ref else '-'} "
         f"| {r['forward_compile_s']:.0f} / {r['step_compile_s']:.0f} "
         f"| {r.get('check_ms', float('nan')):.1f} |")
   return '\n'.join(rows)
@@ -260,6 +289,13 @@ def main() -> None:
       # The machine's speed right after the row (it drifts): PyTorch's one-conv step.
       results[-1]['check_ms'] = calibration_ms(args.repeats).get('torch', float('nan'))
       print(json.dumps(results[-1]), flush=True)
+    # PyTorch's DDPM++ on the same machine, right after this case's JAX rows.
+    times = torch_times(name, args.repeats)
+    if times is not None:
+      for r in results[-len(device_counts):]:
+        r['torch_s'] = times
+      print(json.dumps({'name': name, 'torch_forward_s': times[0], 'torch_step_s': times[1]}),
+            flush=True)
   table = _table(results)
   print(table)
   if not args.no_write:
