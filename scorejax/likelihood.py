@@ -16,10 +16,10 @@ Divergence estimators (`ESTIMATORS`):
   then again inside a gradient). `jacobian_product='jvp'` (forward mode, also what `'auto'`,
   the default, takes) and `'vjp'` (reverse mode) give the same estimate up to float rounding.
   Forward mode is the cheaper one: a JVP costs the forward plus one tangent convolution per
-  layer and keeps no residuals (1.91 forwards per NFE in the solver loop, measured with XLA's
-  plain convolution, `docs/benchmarks.md`), a VJP a forward that stores its activations plus
-  a backward pass (~2.8). The networks' `scorejax.models.conv.conv2d` is a JAX primitive with
-  forward- and reverse-mode rules, so both modes work through them; its transposes are
+  layer and keeps no residuals (1.83 forwards per NFE in the solver loop, `docs/benchmarks.md`),
+  a VJP a forward that stores its activations plus a backward pass (1.95). The networks'
+  `scorejax.models.conv.conv2d` is a JAX primitive with forward- and reverse-mode rules, so
+  both modes work through them; its transposes are
   canonical-layout convolutions, which keeps the VJP as fast inside the solver's while loop
   as outside (with XLA's own convolution gradient the in-loop input-gradient convolutions
   keep a transposed kernel, `dim_labels=b01f_01oi`, which XLA:CPU runs as a generic loop

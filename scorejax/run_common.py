@@ -204,14 +204,8 @@ def make_sharded_sampler(
 
 
 def host_array(x: jax.Array) -> np.ndarray:
-  """A numpy copy of a replicated (or fully addressable) array, on any process."""
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    return np.asarray(x.addressable_data(0))
-  return np.asarray(x)
-
-
-def gather_array(x: jax.Array) -> np.ndarray:
-  """The whole value of a (possibly batch-sharded, multi-process) array, on every process."""
+  """The whole value of an array as numpy, on every process: replicated arrays are read
+  from a local shard, batch-sharded multi-process ones are all-gathered."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     if x.sharding.is_fully_replicated:
       return np.asarray(x.addressable_data(0))
@@ -245,7 +239,7 @@ def draw_samples(
   chunks, nfes = [], []
   for index in range(math.ceil(num_samples / batch_size)):
     samples, nfe = sample_fn(jax.random.fold_in(key, index), params)
-    chunks.append(gather_array(samples))
+    chunks.append(host_array(samples))
     nfes.append(int(host_array(jnp.asarray(nfe))))
     if progress is not None:
       progress(len(chunks[-1]))

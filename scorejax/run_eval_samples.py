@@ -101,7 +101,7 @@ def evaluate_samples(context: EvalContext) -> dict[str, float]:
   def draw(key: jax.Array) -> np.ndarray:
     samples, nfe = sampler(key, context.params)
     nfes.append(int(run_common.host_array(nfe)))
-    return run_common.to_data_range(config, run_common.gather_array(samples))
+    return run_common.to_data_range(config, run_common.host_array(samples))
 
   directory = context.workdir / 'eval' / f'ckpt_{context.step}'
   key = jax.random.fold_in(context.key, SAMPLES_STREAM)

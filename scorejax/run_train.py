@@ -282,7 +282,7 @@ def run(config, workdir: str) -> dict:
             t_small = max(config.sampling.eps, 0.01)
             score = score_builder(ema)
             score_fn = lambda x, s=score, t=t_small: s(x, np.full((len(x),), t, np.float32))
-          samples = run_common.gather_array(samples)[:snapshot_count]
+          samples = run_common.host_array(samples)[:snapshot_count]
           write_snapshot(config, workdir / 'samples', f'step_{step}', samples, score_fn)
           if not run_common.is_toy(config):
             writer.write_image(step, 'samples',

@@ -220,10 +220,9 @@ def ode_sample(
   """Samples by integrating the probability-flow ODE (Eq. 13) from `T` to `eps`, in `jit`.
 
   `dx/dt = f(x, t) - g(t)^2 score(x, t) / 2`, started from `sde.prior_sampling`. Adaptive
-  methods (`'rk45'`: scipy's controller, same NFE; `'tsit5'`, `'dopri5'`: diffrax) use `rtol` /
-  `atol` with an RMS error norm over the whole
-  batch state, as scipy's RK45 in the reference; `'euler'` / `'heun'` take `n_steps`
-  uniform steps.
+  methods (`'rk45'`: scipy's controller, same NFE; `'tsit5'`, `'dopri5'`: diffrax) use
+  `rtol` / `atol` with an RMS error norm over the whole batch state, as scipy's RK45 in the
+  reference; `'euler'` / `'heun'` take `n_steps` uniform steps.
 
   Args:
     key: PRNG key (prior sample; denoising noise, unused by `x_mean`).

@@ -63,9 +63,13 @@ def _case(name: str):
   return config, sde_lib.make_sde(sde_name)
 
 
+def _param_shapes(model, x, labels):
+  return jax.eval_shape(model.init, jax.random.key(0), x, labels)['params']
+
+
 def _random_params(model, x, labels, seed=0):
   """Random weights from the parameter shapes (no compiled initializer)."""
-  shapes = jax.eval_shape(model.init, jax.random.key(0), x, labels)['params']
+  shapes = _param_shapes(model, x, labels)
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda s: jnp.asarray(0.05 * rng.standard_normal(s.shape), s.dtype),
                       shapes)
@@ -92,7 +96,9 @@ def _flops(compiled) -> float:
   return float(analysis.get('flops', float('nan')))
 
 
-def _inputs(name: str):
+def _inputs(name: str, params: bool = True):
+  """`(model, sde, x, labels, params)` of case `name`; `params` are random weights, or
+  only their shapes when `params=False`."""
   config, sde = _case(name)
   model = make_model(config)
   size, channels = config['data']['image_size'], config['data']['num_channels']
@@ -100,8 +106,8 @@ def _inputs(name: str):
   t = jnp.linspace(0.1, 0.9, BATCH)
   # The labels make_score_fn feeds: 999 t (VP), sigma(t) (VE).
   labels = t * 999.0 if _is_vp(sde) else sde.marginal_prob(x, t)[1]
-  params = _random_params(model, x, labels)
-  return model, sde, x, labels, params
+  weights = (_random_params if params else _param_shapes)(model, x, labels)
+  return model, sde, x, labels, weights
 
 
 def build(name: str, what: str, devices: int = 1):
@@ -168,7 +174,7 @@ def bench(name: str, repeats: int, devices: int = 1) -> dict:
     timings[f'{what}_compile_s'] = time.perf_counter() - start
     timings[f'{what}_s'] = _best_time(call, repeats)
     timings[f'{what}_gflop'] = _flops(compiled) / 1e9 * devices
-  params = _inputs(name)[-1]
+  params = _inputs(name, params=False)[-1]
   return {'name': name, 'devices': devices,
           'params': sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params)), **timings}
 

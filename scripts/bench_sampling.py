@@ -15,8 +15,7 @@ One network, one batch, one run, side by side:
 
 The network is the small DDPM++ of `tests/data/ddpmpp_small_config.json` (16x16x3, nf=32,
 VP SDE) built by `scorejax.models.make_model`, with every parameter perturbed by N(0, 0.02^2)
-so that the zero-initialised layers do not make the score trivial; if the models package
-cannot build it, a small Flax conv net defined here is used instead (the report says which).
+so that the zero-initialised layers do not make the score trivial.
 
 Usage:
   python scripts/bench_sampling.py [--batch_size 8] [--pc_steps 100] [--rtol 1e-4]
@@ -31,7 +30,6 @@ import platform
 import re
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,25 +37,10 @@ from scipy import integrate
 
 from scorejax import likelihood, sampling
 from scorejax import sde as sde_lib
+from scorejax.models import make_model, make_score_fn
 
 _BEGIN, _END = '<!-- bench_sampling:begin -->', '<!-- bench_sampling:end -->'
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-class _SmallConvNet(nn.Module):
-  """Fallback network: 3 conv layers with a sinusoidal time embedding added."""
-
-  features: int = 32
-
-  @nn.compact
-  def __call__(self, x, labels):
-    half = self.features // 2
-    freqs = jnp.exp(-jnp.log(10000.0) * jnp.arange(half) / (half - 1))
-    emb = labels[:, None] * freqs[None]
-    emb = nn.Dense(self.features)(jnp.concatenate([jnp.sin(emb), jnp.cos(emb)], -1))
-    h = nn.swish(nn.Conv(self.features, (3, 3))(x) + emb[:, None, None, :])
-    h = nn.swish(nn.Conv(self.features, (3, 3))(h))
-    return nn.Conv(x.shape[-1], (3, 3))(h)
 
 
 def _build_score_fn(sde, shape):
@@ -69,21 +52,11 @@ def _build_score_fn(sde, shape):
   key = jax.random.key(0)
   x = jnp.zeros(shape)
   labels = jnp.zeros((shape[0],))
-  try:
-    from scorejax.models import make_model, make_score_fn
-
-    config = json.loads((_ROOT / 'tests' / 'data' / 'ddpmpp_small_config.json').read_text())
-    model = make_model(config)
-    variables = model.init(key, x, labels, train=False)
-    apply = lambda v, x, labels: model.apply(v, x, labels, train=False)
-    name = 'DDPM++ small (ddpmpp_small_config.json, make_model)'
-  except Exception as error:  # noqa: BLE001  (any failure: fall back, and say so)
-    from scorejax.models import make_score_fn
-
-    model = _SmallConvNet()
-    variables = model.init(key, x, labels)
-    apply = model.apply
-    name = f'fallback 3-layer conv net (make_model failed: {type(error).__name__})'
+  config = json.loads((_ROOT / 'tests' / 'data' / 'ddpmpp_small_config.json').read_text())
+  model = make_model(config)
+  variables = model.init(key, x, labels, train=False)
+  apply = lambda v, x, labels: model.apply(v, x, labels, train=False)
+  name = 'DDPM++ small (ddpmpp_small_config.json, make_model)'
   leaves, treedef = jax.tree.flatten(variables)
   keys = jax.random.split(jax.random.key(1), len(leaves))
   leaves = [leaf + 0.02 * jax.random.normal(k, leaf.shape) for leaf, k in

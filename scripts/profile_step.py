@@ -45,12 +45,6 @@ def _events(trace_dir: pathlib.Path) -> list[dict]:
   return [e for e in events if e.get('ph') == 'X' and 'dur' in e]
 
 
-def _kind(name: str) -> str:
-  base = re.sub(r'[._]\d+$', '', name.split(':')[0])
-  base = re.sub(r'\.\d+', '', base)
-  return base
-
-
 def main() -> None:
   args = _parse()
   if args.devices > 1:
@@ -65,8 +59,9 @@ def main() -> None:
   spec.loader.exec_module(bench)
   jax.config.update('jax_default_matmul_precision', 'highest')
   fn, compiled = bench.build(args.case, args.what, args.devices)
+  hlo = compiled.as_text()
   if args.hlo:
-    pathlib.Path(args.hlo).write_text(compiled.as_text())
+    pathlib.Path(args.hlo).write_text(hlo)
   jax.block_until_ready(fn())
   with tempfile.TemporaryDirectory() as tmp:
     jax.profiler.start_trace(tmp, create_perfetto_trace=True)
@@ -74,7 +69,6 @@ def main() -> None:
       jax.block_until_ready(fn())
     jax.profiler.stop_trace()
     events = _events(pathlib.Path(tmp))
-  hlo = compiled.as_text()
   op_names = dict(re.findall(r'%([\w.\-]+) = [^\n]*?op_name="([^"]*)"', hlo))
   ops = [e for e in events if e['name'] in op_names or re.match(r'[\w\-]+(\.\d+)?$', e['name'])
          and e['name'].split('.')[0] in _HLO_KINDS]

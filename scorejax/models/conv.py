@@ -81,21 +81,12 @@ def _conv(lhs: Array, rhs: Array, strides: Pair = (1, 1), padding: Padding = _NO
                      feature_group_count=int(feature_group_count))
 
 
-def _output_size(size: int, kernel: int, stride: int, pad: tuple[int, int], dilation: int) -> int:
-  return (size + pad[0] + pad[1] - (dilation * (kernel - 1) + 1)) // stride + 1
-
-
-def _abstract_eval(lhs, rhs, *, strides, padding, rhs_dilation, feature_group_count):
-  n, h, w, c = lhs.shape
-  kh, kw, c_group, c_out = rhs.shape
-  if lhs.dtype != rhs.dtype:
-    raise TypeError(f'conv2d: operand dtypes differ: {lhs.dtype} and {rhs.dtype}')
-  if c != c_group * feature_group_count or c_out % feature_group_count:
-    raise ValueError(f'conv2d: input {lhs.shape} and kernel {rhs.shape} do not match with '
-                     f'{feature_group_count} feature groups')
-  out_h = _output_size(h, kh, strides[0], padding[0], rhs_dilation[0])
-  out_w = _output_size(w, kw, strides[1], padding[1], rhs_dilation[1])
-  return jax.core.ShapedArray((n, out_h, out_w, c_out), lhs.dtype)
+def _abstract_eval(lhs, rhs, **params):
+  """The output shape and dtype are `lax.conv_general_dilated`'s (its checks included)."""
+  out = jax.eval_shape(lambda lhs, rhs: _lax_conv(lhs, rhs, **params),
+                       jax.ShapeDtypeStruct(lhs.shape, lhs.dtype),
+                       jax.ShapeDtypeStruct(rhs.shape, rhs.dtype))
+  return jax.core.ShapedArray(out.shape, out.dtype)
 
 
 conv_p.def_impl(_lax_conv)
