@@ -41,10 +41,11 @@ computed by Winograd's algorithm instead (`scorejax.models.winograd`): the forwa
 input-gradient convolutions through `conv_p`'s CPU lowering, the kernel gradient in the
 transpose rule (as matrix products, without transposing the activations). Its values
 differ from XLA's convolution by ~1e-6 of their scale; `cpu_winograd(None, None)` turns it
-off. Elsewhere forward values are XLA's convolution, unchanged. On CPU the gradients cost
-what XLA's own gradient costs outside loops, and the same inside. Second-order terms of strided convs run
-dilated-kernel convolutions (still canonical); feature-grouped ones (vmap with batched
-kernels) are left to XLA's grouped convolution, whose CPU speed was not measured here.
+off (it applies to functions traced after the change). Elsewhere forward values are XLA's
+convolution, unchanged. On CPU the gradients cost what XLA's own gradient costs outside
+loops, and the same inside. Second-order terms of strided convs run dilated-kernel
+convolutions (still canonical); feature-grouped ones (vmap with batched kernels) are left
+to XLA's grouped convolution, whose CPU speed was not measured here.
 """
 
 from __future__ import annotations
