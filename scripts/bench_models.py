@@ -198,15 +198,23 @@ by layer and operation; batch 8, single layers timed in and outside `lax.scan`):
 - GroupNorm from per-channel sums (the `[B, H, W, G, C/G]` reduction of `nn.GroupNorm` is
   ~5x slower on XLA:CPU), and a non-finite update skipped with `lax.cond` instead of a
   select over the whole state (clip + Adam + EMA of 61.8M parameters: 0.47 -> 0.26 s).
-- What is left: the kernel gradient needs the activations as `[C, H, W, B]`, and XLA:CPU
-  transposes to a small innermost dimension at ~3 GB/s (~0.4-0.5 s of op time per CIFAR-10
-  step); kernel-gradient convolutions (8 input features, a 32x32 window) run at ~145
-  GFLOP/s against ~185 for the forward ones; the optimizer and EMA (~0.25 s) are
-  memory-bound. Two virtual devices help the small networks' forward (2x) but not the
-  CIFAR-10 step. This VM's speed drifts by up to ~30% over minutes with nothing else
-  running (one build measured 1.00 s / 3.86 s per CIFAR-10 forward / step, and an hour
-  later, with the faster dropout, 1.29 s / 5.0 s, compile times up by the same factor):
-  read the speed-check column, compare rows of one run, or use interleaved A/B runs.
+- Winograd F(2x2, 3x3) on CPU (`scorejax.models.winograd`, 2026-11-22): XLA:CPU's
+  convolution kernel (YNNPACK; Eigen and the oneDNN / YNN flags of this jaxlib measured
+  the same) runs 3x3 layers at ~190-200 GFLOP/s, oneDNN at ~220-250. Large 3x3 stride-1
+  'SAME' layers now run as 16 matrix products between cheap tile transforms (2.25x fewer
+  FLOPs), the batch chunked to keep the transformed operands in cache: per layer 1.3-1.9x
+  faster (8x32x32, 256->256: forward 51 -> 31 ms, kernel gradient 63 -> 44 ms). The kernel
+  gradient, as F(3x3, 2x2) products summed over tiles, needs no `[C, H, W, B]` transpose of
+  the activations. In interleaved A/B runs of the CIFAR-10 DDPM++: forward 1.07 -> 0.79 s,
+  train step 3.8-4.1 -> 3.5-3.8 s. Compiling the CIFAR-10 step takes ~2x longer (~100 s).
+- What is left in the train step: the tile transforms of the backward pass (~0.9 s of op
+  time: XLA writes each transform as 16 fusions and a concatenation), the transposes of the
+  kernel gradients still computed as convolutions (1x1 and small layers), the optimizer and
+  EMA (~0.25 s, memory-bound). Two virtual devices help the small networks' forward (2x)
+  but not the CIFAR-10 step. This VM's speed drifts by up to ~30% over minutes with nothing
+  else running (one build measured 1.00 s / 3.86 s per CIFAR-10 forward / step, and an hour
+  later 1.29 s / 5.0 s, compile times up by the same factor): read the speed-check column,
+  compare rows of one run, or use interleaved A/B runs.
 - The "PyTorch forward / step" column is `scripts/torch_ddpmpp.py` timed in this run (same
   DDPM++, golden-checked against score_sde_pytorch). The issue's one-off score_sde_pytorch
   numbers (batch 8, forward / step s): ''' + '; '.join(

@@ -115,14 +115,21 @@ def _kernel_output_transform(m: Array) -> Array:
   return jnp.stack(_combine(_AT3, _AT3, lambda i, j: m[i, j])).reshape(3, 3, *m.shape[2:])
 
 
+def _split(a: Array, images: int) -> Array:
+  """`[B, ...]` -> `[B / images, images, ...]`, chunk `j` = images `j, j + n, j + 2n, ...`
+  (n chunks). Strided rather than contiguous chunks: when the batch is sharded over devices,
+  the looped axis is then not the sharded one, and every chunk stays split over them."""
+  n = a.shape[0] // images
+  return jnp.swapaxes(a.reshape(images, n, *a.shape[1:]), 0, 1)
+
+
 def _chunked(fn, batch_arrays, images: int):
   """`fn` over the batch in chunks of `images` (one call when it fits)."""
   batch = batch_arrays[0].shape[0]
   if images == batch:
     return fn(*batch_arrays)
-  split = [a.reshape(batch // images, images, *a.shape[1:]) for a in batch_arrays]
-  out = lax.map(lambda args: fn(*args), tuple(split))
-  return out.reshape(batch, *out.shape[2:])
+  out = lax.map(lambda args: fn(*args), tuple(_split(a, images) for a in batch_arrays))
+  return jnp.swapaxes(out, 0, 1).reshape(batch, *out.shape[2:])
 
 
 def conv3x3(x: Array, kernel: Array) -> Array:
@@ -156,9 +163,7 @@ def kernel_grad3x3(x: Array, dy: Array) -> Array:
   if images == batch:
     m = chunk(x, dy)
   else:
-    n = batch // images
-    xs = x.reshape(n, images, *x.shape[1:])
-    dys = dy.reshape(n, images, *dy.shape[1:])
+    xs, dys = _split(x, images), _split(dy, images)
     init = jnp.zeros((16, channels, dy.shape[3]), jnp.result_type(x, dy))
     m, _ = lax.scan(lambda acc, args: (acc + chunk(*args), None), init, (xs, dys))
   return _kernel_output_transform(m)
