@@ -17,7 +17,10 @@ transforms of the input tiles, the kernel and the output tiles.
 Both are exact in exact arithmetic; in float32 they differ from the direct convolution by
 ~1e-6 of the output's scale (the transforms only use 0, +-1 and +-1/2). The transformed
 operands are 4x the activations; the batch is processed in chunks (a `lax.map` /
-`lax.scan`) so that they stay in cache, which is worth ~1.5x on 32x32x256 layers here.
+`lax.scan`) so that they stay in cache, which is worth ~1.5x on 32x32x256 layers here. The 16
+transformed operands stay 16 arrays, each with its own matrix product: stacking them into one
+batched product costs a copy of all of them, and XLA:CPU ran the batched kernel-gradient
+product (a contraction over the tiles) 1.1-2.3x slower than 16 separate ones.
 `scorejax.models.conv` uses these on CPU for the layers `supported` accepts.
 """
 
@@ -73,15 +76,15 @@ def _combine(left, right, view):
   return out
 
 
-def _data_transform(x: Array) -> Array:
-  """`[b, H, W, C]` -> `B^T d B` of every 4x4 tile of the padded image, `[16, b H W / 4, C]`."""
+def _data_transform(x: Array) -> list[Array]:
+  """`[b, H, W, C]` -> `B^T d B` of every 4x4 tile of the padded image: 16 `[b H W / 4, C]`."""
   b, height, width, channels = x.shape
   h, w = height // 2, width // 2
   padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
   blocks = padded.reshape(b, h + 1, 2, w + 1, 2, channels)
   # Tile (ty, tx) element (i, j) is padded[2 ty + i, 2 tx + j]: block (ty + i // 2, tx + j // 2).
   view = lambda i, j: blocks[:, i // 2:i // 2 + h, i % 2, j // 2:j // 2 + w, j % 2]
-  return jnp.stack(_combine(_BT, _BT, view)).reshape(16, b * h * w, channels)
+  return [t.reshape(b * h * w, channels) for t in _combine(_BT, _BT, view)]
 
 
 def _kernel_transform(kernel: Array) -> Array:
@@ -92,16 +95,16 @@ def _kernel_transform(kernel: Array) -> Array:
   return jnp.dot(gg, flat, precision=_HIGHEST).reshape(16, *kernel.shape[2:])
 
 
-def _output_transform(m: Array, b: int, h: int, w: int) -> Array:
-  """`[16, b h w, O]` -> `A^T m A` per tile, interleaved into `[b, 2h, 2w, O]`."""
-  m = m.reshape(4, 4, b, h, w, -1)
-  y = _combine(_AT, _AT, lambda i, j: m[i, j])  # y[2 r + s]: output (r, s) of every tile
+def _output_transform(m: list[Array], b: int, h: int, w: int) -> Array:
+  """16 `[b h w, O]` -> `A^T m A` per tile, interleaved into `[b, 2h, 2w, O]`."""
+  m = [t.reshape(b, h, w, -1) for t in m]
+  y = _combine(_AT, _AT, lambda i, j: m[4 * i + j])  # y[2 r + s]: output (r, s) of every tile
   y = jnp.stack([jnp.stack(y[2 * r:2 * r + 2], 3) for r in range(2)], 2)  # [b, h, 2, w, 2, O]
   return y.reshape(b, 2 * h, 2 * w, -1)
 
 
-def _grad_transform(dy: Array) -> Array:
-  """`[b, H, W, O]` -> `G' g G'^T` of every 2x2 tile of `dy`, `[16, b H W / 4, O]`."""
+def _grad_transform(dy: Array) -> list[Array]:
+  """`[b, H, W, O]` -> `G' g G'^T` of every 2x2 tile of `dy`: 16 `[b H W / 4, O]`."""
   b, height, width, channels = dy.shape
   h, w = height // 2, width // 2
   # The views are taken from a padded copy (the padding itself is never read): XLA fuses the
@@ -112,13 +115,12 @@ def _grad_transform(dy: Array) -> Array:
   padded = jnp.pad(dy, ((0, 0), (0, 2), (0, 2), (0, 0)))
   blocks = padded.reshape(b, h + 1, 2, w + 1, 2, channels)[:, :h, :, :w]
   tiles = _combine(_GT, _GT, lambda i, j: blocks[:, :, i, :, j])
-  return jnp.stack(tiles).reshape(16, b * h * w, channels)
+  return [t.reshape(b * h * w, channels) for t in tiles]
 
 
-def _kernel_output_transform(m: Array) -> Array:
-  """`[16, C, O]` -> `A'^T m A'`, `[3, 3, C, O]`."""
-  m = m.reshape(4, 4, *m.shape[1:])
-  return jnp.stack(_combine(_AT3, _AT3, lambda i, j: m[i, j])).reshape(3, 3, *m.shape[2:])
+def _kernel_output_transform(m: list[Array]) -> Array:
+  """16 `[C, O]` -> `A'^T m A'`, `[3, 3, C, O]`."""
+  return jnp.stack(_combine(_AT3, _AT3, lambda i, j: m[4 * i + j])).reshape(3, 3, *m[0].shape)
 
 
 def _split(a: Array, images: int) -> Array:
@@ -146,8 +148,7 @@ def conv3x3(x: Array, kernel: Array) -> Array:
   h, w = height // 2, width // 2
 
   def chunk(xc):
-    v = _data_transform(xc)
-    m = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))), precision=_HIGHEST)
+    m = [jnp.dot(v, u[k], precision=_HIGHEST) for k, v in enumerate(_data_transform(xc))]
     return _output_transform(m, xc.shape[0], h, w)
 
   images = _images_per_chunk(batch, h * w, max(channels, kernel.shape[3]))
@@ -161,15 +162,15 @@ def kernel_grad3x3(x: Array, dy: Array) -> Array:
   h, w = height // 2, width // 2
 
   def chunk(xc, dyc):
-    v = _data_transform(xc)
-    g = _grad_transform(dyc)
-    return lax.dot_general(v, g, (((1,), (1,)), ((0,), (0,))), precision=_HIGHEST)
+    return [lax.dot_general(v, g, (((0,), (0,)), ((), ())), precision=_HIGHEST)
+            for v, g in zip(_data_transform(xc), _grad_transform(dyc), strict=True)]
 
   images = _images_per_chunk(batch, h * w, max(channels, dy.shape[3]))
   if images == batch:
     m = chunk(x, dy)
   else:
     xs, dys = _split(x, images), _split(dy, images)
-    init = jnp.zeros((16, channels, dy.shape[3]), jnp.result_type(x, dy))
-    m, _ = lax.scan(lambda acc, args: (acc + chunk(*args), None), init, (xs, dys))
+    init = [jnp.zeros((channels, dy.shape[3]), jnp.result_type(x, dy))] * 16
+    add = lambda acc, args: ([a + b for a, b in zip(acc, chunk(*args), strict=True)], None)
+    m, _ = lax.scan(add, init, (xs, dys))
   return _kernel_output_transform(m)
