@@ -17,10 +17,11 @@ development machine at ~150 GFLOP/s float32 through XLA; single 3x3 convolutions
 ~175 GFLOP/s in XLA and ~190-210 in PyTorch there, and PyTorch's CIFAR-10 DDPM++ train step
 (4.9e11 FLOP in 3.94 s) runs at ~125 GFLOP/s.
 For the DDPM++ cases, when torch imports, a PyTorch DDPM++ (`scripts/torch_ddpmpp.py`,
-checked against the reference's golden output first) is timed in the same run right after
-that case's JAX rows: forward (eval, no grad) and the same train step (continuous VP loss,
-dropout, clipping, Adam, EMA), random weights, best of `--repeats` after a warm-up. The
-numbers measured once for the issue (score_sde_pytorch, `TORCH_REFERENCE`) are in the notes.
+checked against the reference's golden output first) is timed interleaved with every JAX
+row (one JAX call, one PyTorch call, `--repeats` rounds, best of each), so that the VM's
+drift hits both alike: forward (eval, no grad) and the same train step (continuous VP loss,
+dropout, clipping, Adam, EMA), random weights. The numbers measured once for the issue
+(score_sde_pytorch, `TORCH_REFERENCE`) are in the notes.
 
 Usage:
   python scripts/bench_models.py [--repeats 5] [--cases ddpmpp_cifar10,ddpmpp_small]
@@ -145,9 +146,10 @@ def build(name: str, what: str, devices: int = 1):
   return call, compiled
 
 
-def torch_times(name: str, repeats: int) -> tuple[float, float] | None:
-  """PyTorch DDPM++ `(forward s, train step s)` of case `name`, batch `BATCH`, or None when
-  torch is missing or the case has no PyTorch twin. Runs the golden-output check first."""
+def torch_calls(name: str) -> dict | None:
+  """PyTorch DDPM++ calls `{'forward': fn, 'step': fn}` of case `name`, batch `BATCH`, or
+  None when torch is missing or the case has no PyTorch twin. Runs the golden-output check
+  first."""
   if name not in TORCH_REFERENCE:
     return None
   try:
@@ -162,18 +164,39 @@ def torch_times(name: str, repeats: int) -> tuple[float, float] | None:
   spec.loader.exec_module(torch_ddpmpp)
   torch_ddpmpp.check()
   config, _ = _case(name)
-  return (torch_ddpmpp.time_forward(config, BATCH, repeats),
-          torch_ddpmpp.time_train_step(config, BATCH, repeats))
+  return {'forward': torch_ddpmpp.make_forward(config, BATCH),
+          'step': torch_ddpmpp.make_train_step(config, BATCH)}
 
 
-def bench(name: str, repeats: int, devices: int = 1) -> dict:
+def _interleaved_best(calls: dict, repeats: int) -> dict[str, float]:
+  """Fastest of `repeats` calls of each of `calls` after a warm-up, taken in alternation (one
+  call of each per round), so that the machine's drift hits them alike."""
+  for fn in calls.values():
+    jax.block_until_ready(fn())
+  times = {k: [] for k in calls}
+  for _ in range(repeats):
+    for k, fn in calls.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[k].append(time.perf_counter() - start)
+  return {k: float(np.min(v)) for k, v in times.items()}
+
+
+def bench(name: str, repeats: int, devices: int = 1, torch: dict | None = None) -> dict:
+  """JAX forward and train step of case `name`; with `torch` (`torch_calls`), its twin's
+  forward and step are timed interleaved with them (keys `torch_forward_s`, ...)."""
   timings = {}
   for what in ('forward', 'step'):
     start = time.perf_counter()
     call, compiled = build(name, what, devices)
     timings[f'{what}_compile_s'] = time.perf_counter() - start
-    timings[f'{what}_s'] = _best_time(call, repeats)
+    calls = {'jax': call, **({'torch': torch[what]} if torch else {})}
+    best = _interleaved_best(calls, repeats)
+    timings[f'{what}_s'] = best['jax']
+    if torch:
+      timings[f'torch_{what}_s'] = best['torch']
     timings[f'{what}_gflop'] = _flops(compiled) / 1e9 * devices
+    del call, compiled
   params = _inputs(name, params=False)[-1]
   return {'name': name, 'devices': devices,
           'params': sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params)), **timings}
@@ -200,26 +223,38 @@ by layer and operation; batch 8, single layers timed in and outside `lax.scan`):
   select over the whole state (clip + Adam + EMA of 61.8M parameters: 0.47 -> 0.26 s).
 - Winograd F(2x2, 3x3) on CPU (`scorejax.models.winograd`, 2026-11-22): XLA:CPU's
   convolution kernel (YNNPACK; Eigen and the oneDNN / YNN flags of this jaxlib measured
-  the same) runs 3x3 layers at ~190-200 GFLOP/s, oneDNN at ~220-250. Large 3x3 stride-1
-  'SAME' layers now run as 16 matrix products between cheap tile transforms (2.25x fewer
-  FLOPs), the batch chunked to keep the transformed operands in cache: per layer 1.3-1.9x
-  faster (8x32x32, 256->256: forward 51 -> 31 ms, kernel gradient 63 -> 44 ms). The kernel
-  gradient, as F(3x3, 2x2) products summed over tiles, needs no `[C, H, W, B]` transpose of
-  the activations. In interleaved A/B runs of the CIFAR-10 DDPM++: forward 1.07 -> 0.79 s,
-  train step 3.8-4.1 -> 3.5-3.8 s. Compiling the CIFAR-10 step takes ~2x longer (~100 s).
-  XLA's cost analysis counts the Winograd programs' own FLOPs, so the CIFAR-10 rows' GFLOP
-  columns are lower than the direct convolutions' (forward 163, train step 494 GFLOP).
-- What is left in the train step: the tile transforms of the backward pass (~0.9 s of op
-  time: XLA writes each transform as 16 fusions and a concatenation), the transposes of the
-  kernel gradients still computed as convolutions (1x1 and small layers), the optimizer and
-  EMA (~0.25 s, memory-bound). Two virtual devices help the small networks' forward (2x)
-  but not the CIFAR-10 step. This VM's speed drifts by up to ~30% over minutes with nothing
-  else running (one build measured 1.00 s / 3.86 s per CIFAR-10 forward / step, and an hour
-  later 1.29 s / 5.0 s, compile times up by the same factor): read the speed-check column,
-  compare rows of one run, or use interleaved A/B runs.
-- The "PyTorch forward / step" column is `scripts/torch_ddpmpp.py` timed in this run (same
-  DDPM++, golden-checked against score_sde_pytorch). The issue's one-off score_sde_pytorch
-  numbers (batch 8, forward / step s): ''' + '; '.join(
+  the same) runs 3x3 layers at ~190-200 GFLOP/s, oneDNN at ~220-250. 3x3 stride-1 'SAME'
+  layers from 2^26 FLOPs up now run as 16 matrix products between cheap tile transforms
+  (2.25x fewer FLOPs), the batch chunked to keep the transformed operands in cache: per
+  layer 1.1-1.9x faster (8x32x32, 256->256: forward 51 -> 31 ms, kernel gradient 63 -> 44
+  ms). The kernel gradient, as F(3x3, 2x2) products summed over tiles, needs no
+  `[C, H, W, B]` transpose of the activations. Compiling the CIFAR-10 step takes ~2x longer
+  (~100 s). XLA's cost analysis counts the Winograd programs' own FLOPs, so the CIFAR-10
+  rows' GFLOP columns are lower than the direct convolutions' (forward 163, train step 494
+  GFLOP).
+- Winograd, second round (2026-11-23, interleaved A/B runs of the CIFAR-10 DDPM++, median
+  of 8): (1) the kernel gradient's `dy` tile views come from a padded copy: XLA had fused
+  `dy`'s producer (in the backward pass a sum of up to ~30 cotangent terms of the U-Net's
+  skips) into each of the 16 transform outputs, evaluating it 16 times (one layer's
+  transform took 16 ms per output): step 3.56 -> 3.22 s; (2) the 16 transformed operands
+  stay 16 arrays with a matrix product each instead of one stacked batched product (no
+  stacking copies; XLA:CPU's batched kernel-gradient product was 1.1-2.3x slower than 16
+  separate ones): step 3.67 -> 3.45 s, forward 0.90 -> 0.82 s; (3) with both, Winograd
+  wins down to 2^26-FLOP layers, so the thresholds went from 2^28 / 2^27 to 2^26: the
+  small DDPM++ forward ~10% faster. Computing the kernel transform as 16 fused sums instead
+  of one small matrix product made the forward ~5% faster but the step ~7% slower (the
+  input gradient's flipped, transposed kernel): not kept.
+- What is left in the train step: GEMM-bound layers (the Winograd products and 1x1 / small
+  convolutions, ~55% of op time), the tile transforms (memory-bound, ~15%), elementwise
+  backward fusions of GroupNorm / SiLU / attention, and the optimizer and EMA (~0.25 s,
+  memory-bound). Two virtual devices help the small networks' forward but not the CIFAR-10
+  step. This VM's speed drifts by up to ~30% over minutes with nothing else running (one
+  build measured 1.00 s / 3.86 s per CIFAR-10 forward / step, and an hour later 1.29 s /
+  5.0 s, compile times up by the same factor): compare rows of one run, interleaved
+  timings (the PyTorch column) or interleaved A/B runs.
+- The "PyTorch forward / step" column is `scripts/torch_ddpmpp.py` timed interleaved with
+  the row's JAX calls (same DDPM++, golden-checked against score_sde_pytorch). The issue's
+  one-off score_sde_pytorch numbers (batch 8, forward / step s): ''' + '; '.join(
     f'{k} {v[0]:.3f} / {v[1]:.3f}' for k, v in TORCH_REFERENCE.items()) + '.'
 
 
@@ -255,17 +290,17 @@ def calibration_ms(repeats: int) -> dict[str, float]:
 def _table(results: list[dict]) -> str:
   rows = ['| network | devices | params | forward s | fwd images/s | fwd GFLOP | fwd GFLOP/s '
           '| train step s | step images/s | step GFLOP | step GFLOP/s '
-          '| PyTorch forward / step s | compile s (fwd / step) | speed check ms |',
+          '| PyTorch forward / step s (interleaved) | compile s (fwd / step) | speed check ms |',
           '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
   for r in results:
-    ref = r.get('torch_s')
+    ref = (r['torch_forward_s'], r['torch_step_s']) if 'torch_step_s' in r else None
     rows.append(
         f"| {r['name']} | {r['devices']} | {r['params'] / 1e6:.2f}M | {r['forward_s']:.3f} "
         f"| {BATCH / r['forward_s']:.1f} | {r['forward_gflop']:.1f} "
         f"| {r['forward_gflop'] / r['forward_s']:.0f} | {r['step_s']:.3f} "
         f"| {BATCH / r['step_s']:.1f} | {r['step_gflop']:.1f} "
         f"| {r['step_gflop'] / r['step_s']:.0f} "
-        f"| {f'{ref[0]:.3f} / {ref[1]:.3f} (this run)' if ref else '-'} "
+        f"| {f'{ref[0]:.3f} / {ref[1]:.3f}' if ref else '-'} "
         f"| {r['forward_compile_s']:.0f} / {r['step_compile_s']:.0f} "
         f"| {r.get('check_ms', float('nan')):.1f} |")
   return '\n'.join(rows)
@@ -300,18 +335,13 @@ def main() -> None:
   print(json.dumps({'calibration_ms': calibration}), flush=True)
   results = []
   for name in args.cases.split(','):
+    twin = torch_calls(name)
     for devices in device_counts:
-      results.append(bench(name, args.repeats, devices))
+      results.append(bench(name, args.repeats, devices, twin))
       # The machine's speed right after the row (it drifts): PyTorch's one-conv step.
       results[-1]['check_ms'] = calibration_ms(args.repeats).get('torch', float('nan'))
       print(json.dumps(results[-1]), flush=True)
-    # PyTorch's DDPM++ on the same machine, right after this case's JAX rows.
-    times = torch_times(name, args.repeats)
-    if times is not None:
-      for r in results[-len(device_counts):]:
-        r['torch_s'] = times
-      print(json.dumps({'name': name, 'torch_forward_s': times[0], 'torch_step_s': times[1]}),
-            flush=True)
+    del twin
   table = _table(results)
   print(table)
   if not args.no_write:

@@ -250,8 +250,8 @@ def _best_time(fn, repeats: int) -> float:
   return float(min(times))
 
 
-def time_forward(config: dict, batch: int = 8, repeats: int = 5) -> float:
-  """Best of `repeats` eval-mode, no-grad forwards (s) after a warm-up, random weights."""
+def make_forward(config: dict, batch: int = 8):
+  """A no-argument eval-mode, no-grad forward of a randomly initialised DDPM++ (2 threads)."""
   torch.set_num_threads(os.cpu_count() or 1)
   model = _random_model(config).eval()
   x, labels = _inputs(config, batch)
@@ -260,12 +260,12 @@ def time_forward(config: dict, batch: int = 8, repeats: int = 5) -> float:
     with torch.no_grad():
       return model(x, labels)
 
-  return _best_time(forward, repeats)
+  return forward
 
 
-def time_train_step(config: dict, batch: int = 8, repeats: int = 5) -> float:
-  """Best of `repeats` train steps (s) after a warm-up: score_sde's continuous VP-SDE loss
-  (reduce_mean, dropout on), Adam 2e-4, grad-norm clipping 1.0, EMA 0.9999."""
+def make_train_step(config: dict, batch: int = 8):
+  """A no-argument train step: score_sde's continuous VP-SDE loss (reduce_mean, dropout on),
+  Adam 2e-4, grad-norm clipping 1.0, EMA 0.9999."""
   torch.set_num_threads(os.cpu_count() or 1)
   model = _random_model(config).train()
   params = list(model.parameters())
@@ -292,7 +292,17 @@ def time_train_step(config: dict, batch: int = 8, repeats: int = 5) -> float:
       torch._foreach_lerp_(ema, params, 1 - 0.9999)
     return loss
 
-  return _best_time(step, repeats)
+  return step
+
+
+def time_forward(config: dict, batch: int = 8, repeats: int = 5) -> float:
+  """Best of `repeats` `make_forward` calls (s) after a warm-up."""
+  return _best_time(make_forward(config, batch), repeats)
+
+
+def time_train_step(config: dict, batch: int = 8, repeats: int = 5) -> float:
+  """Best of `repeats` `make_train_step` calls (s) after a warm-up."""
+  return _best_time(make_train_step(config, batch), repeats)
 
 
 def main() -> None:

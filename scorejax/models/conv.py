@@ -102,10 +102,11 @@ def _abstract_eval(lhs, rhs, **params):
 
 # Smallest layer (FLOPs of the direct convolution, 2 B H W C_in C_out 9) computed by Winograd
 # on CPU, for the forward / input-gradient convolutions and for the kernel gradient; None:
-# never. Crossovers measured on the 2-core development machine (batch 8): forward 8x8x256 ->
-# 256 (0.6 GFLOP) 1.45x faster, 32x32x256 -> 256 1.7x; 8x8x128 -> 128 (0.15 GFLOP) 1.3x
-# slower; kernel gradients 1.3-1.9x faster from 0.15 GFLOP up, equal at 0.04 GFLOP.
-WINOGRAD_MIN_FLOPS = {'forward': 2**28, 'kernel_grad': 2**27}
+# never. Crossovers measured on the 2-core development machine (batch 8, interleaved A/B):
+# from 2^26 FLOPs up, forwards are 1.1-1.6x faster (16x16x96 -> 32: 1.46x; 8x8x128 -> 128
+# equal) and kernel gradients 1.1-1.6x; below, 4x4 and 16x16x32 -> 32 layers are slower.
+# On the small DDPM++ (16x16, nf=32) this made the forward ~10% faster than at 2^28.
+WINOGRAD_MIN_FLOPS = {'forward': 2**26, 'kernel_grad': 2**26}
 
 
 @contextlib.contextmanager
