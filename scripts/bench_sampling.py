@@ -214,25 +214,26 @@ def run(args) -> tuple[str, list[list[str]]]:
 
 FINDINGS = """Findings (profiles: `jax.profiler` traces summed per XLA op, as
 `scripts/profile_step.py` does, and the compiled HLO):
-- **PC sampler: ~0.98 forwards per NFE; goal <= 0.88 not met as a ratio.** The sampler's
+- **PC sampler: ~0.97-0.98 forwards per NFE; goal <= 0.88 not met as a ratio.** The sampler's
   own work is ~0.1 ms per NFE (row "machinery alone", <1% of a forward), and a forward
-  inside any `fori_loop` costs ~0.91-0.92 of a standalone call (the standalone call pays
+  inside any `fori_loop` costs ~0.91-0.94 of a standalone call (the standalone call pays
   ~1-2 ms of dispatch and argument handling for ~300 parameter buffers). With one score
   call site per loop iteration instead of two (corrector and predictor alternating under a
   `lax.cond`) the ratio was the same (1.00 vs 0.99, interleaved A/B). Profiled op by op,
-  every layer costs the same inside the PC loop as in the standalone forward: nothing in
-  the network is parameter-only work that XLA could hoist out of the loop. The reference's
+  every layer costs the same inside the PC loop as in the standalone forward; the only
+  parameter-only work, the Winograd kernel transforms of the larger layers, XLA hoists out
+  of the loop (checked in the compiled HLO), and it is small (~1% of a forward). The reference's
   0.88 is relative to its own standalone forward (0.035 s for this network per the issue);
-  in absolute terms its PC sampler spends ~0.88 x 35 = 31 ms per NFE, this one ~22 ms
+  in absolute terms its PC sampler spends ~0.88 x 35 = 31 ms per NFE, this one ~20 ms
   (the forward itself is ~35% faster: `docs/benchmarks.md`, Models).
 - **ODE: `method='rk45'`** (in-graph Dormand-Prince with scipy's exact step control:
   Hairer initial step, RMS norm of `err / (atol + rtol max(|y|, |y_new|))`, `0.9 err^-1/5`
   clipped to [0.2, 10], no growth after a rejection) takes **the same NFE as scipy RK45**
-  (50 = 50; `tests/test_ode.py` checks equality at several tolerances) at ~0.96 forwards
+  (50 = 50; `tests/test_ode.py` checks equality at several tolerances) at ~0.95 forwards
   per NFE: goal (<= 1.0, no more NFE) met. diffrax Tsit5 needs more NFE (its error
   estimator differs); diffrax Dopri5 is within ~10% of scipy.
-- **Likelihood: ~1.8 forwards per NFE with the JVP, ~1.95 with the VJP** (drift and
-  Hutchinson product from one `jax.jvp` / `jax.vjp`), against ~3.1 for the reference's way
+- **Likelihood: ~1.8-1.95 forwards per NFE with the JVP, ~1.95-2.0 with the VJP** (drift and
+  Hutchinson product from one `jax.jvp` / `jax.vjp`), against ~3.1-3.4 for the reference's way
   (drift, then the drift again inside a gradient) measured here: goal <= 2.0 met, bits/dim
   equal to the host scipy loop to 1e-4 at the same NFE (176). Both modes are fast inside
   the solver loop because every convolution, gradient ones included, is in XLA:CPU's
