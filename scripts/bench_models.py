@@ -80,15 +80,23 @@ def _is_vp(sde) -> bool:
   return isinstance(sde, sde_lib.VPSDE | sde_lib.SubVPSDE)
 
 
+def _interleaved_best(calls: dict, repeats: int) -> dict[str, float]:
+  """Fastest of `repeats` calls of each of `calls` after a warm-up, taken in alternation (one
+  call of each per round), so that the machine's drift hits them alike."""
+  for fn in calls.values():
+    jax.block_until_ready(fn())
+  times = {k: [] for k in calls}
+  for _ in range(repeats):
+    for k, fn in calls.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[k].append(time.perf_counter() - start)
+  return {k: float(np.min(v)) for k, v in times.items()}
+
+
 def _best_time(fn, repeats: int) -> float:
   """Fastest of `repeats` calls after a warm-up (other jobs' load only adds time)."""
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return float(np.min(times))
+  return _interleaved_best({'fn': fn}, repeats)['fn']
 
 
 def _flops(compiled) -> float:
@@ -166,20 +174,6 @@ def torch_calls(name: str) -> dict | None:
   config, _ = _case(name)
   return {'forward': torch_ddpmpp.make_forward(config, BATCH),
           'step': torch_ddpmpp.make_train_step(config, BATCH)}
-
-
-def _interleaved_best(calls: dict, repeats: int) -> dict[str, float]:
-  """Fastest of `repeats` calls of each of `calls` after a warm-up, taken in alternation (one
-  call of each per round), so that the machine's drift hits them alike."""
-  for fn in calls.values():
-    jax.block_until_ready(fn())
-  times = {k: [] for k in calls}
-  for _ in range(repeats):
-    for k, fn in calls.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn())
-      times[k].append(time.perf_counter() - start)
-  return {k: float(np.min(v)) for k, v in times.items()}
 
 
 def bench(name: str, repeats: int, devices: int = 1, torch: dict | None = None) -> dict:

@@ -222,7 +222,8 @@ FINDINGS = """Findings (profiles: `jax.profiler` traces summed per XLA op, as
   `lax.cond`) the ratio was the same (1.00 vs 0.99, interleaved A/B). Profiled op by op,
   every layer costs the same inside the PC loop as in the standalone forward; the only
   parameter-only work, the Winograd kernel transforms of the larger layers, XLA hoists out
-  of the loop (checked in the compiled HLO), and it is small (~1% of a forward). The reference's
+  of the loop (checked in the compiled HLO); it is a few small matrix products per layer
+  (its share of a forward was not measured separately). The reference's
   0.88 is relative to its own standalone forward (0.035 s for this network per the issue);
   in absolute terms its PC sampler spends ~0.88 x 35 = 31 ms per NFE, this one ~20 ms
   (the forward itself is ~35% faster: `docs/benchmarks.md`, Models).

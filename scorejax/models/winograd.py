@@ -50,7 +50,7 @@ def _images_per_chunk(batch: int, tiles_per_image: int, channels: int) -> int:
 
 
 # Transform matrices: each output of a transform is a signed sum of a few strided views of its
-# input, written out term by term so that XLA fuses all of them into one pass.
+# input, written out term by term so that XLA fuses each output into one pass over them.
 _BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))  # B^T, F(2,3) and F(3,2)
 _AT = ((1, 1, 1, 0), (0, 1, -1, -1))  # A^T of F(2x2, 3x3)
 _GT = ((1, 0), (0.5, 0.5), (0.5, -0.5), (0, 1))  # G' of F(3x3, 2x2), on the 2x2 dy tiles
@@ -110,8 +110,8 @@ def _grad_transform(dy: Array) -> list[Array]:
   # The views are taken from a padded copy (the padding itself is never read): XLA fuses the
   # producer of `dy` (in a backward pass often a long sum of cotangents) into the pad once.
   # Without it, the producer is fused into each of the 16 transform outputs and evaluated
-  # 16 times (~10% of the CIFAR-10 DDPM++ train step on CPU). `lax.optimization_barrier`
-  # does not prevent this: XLA:CPU removes barriers before fusion.
+  # 16 times (~10% of the CIFAR-10 DDPM++ train step on CPU). A `lax.optimization_barrier`
+  # on `dy` did not prevent this (it is gone from XLA:CPU's optimized HLO; fusions unchanged).
   padded = jnp.pad(dy, ((0, 0), (0, 2), (0, 2), (0, 0)))
   blocks = padded.reshape(b, h + 1, 2, w + 1, 2, channels)[:, :h, :, :w]
   tiles = _combine(_GT, _GT, lambda i, j: blocks[:, :, i, :, j])
