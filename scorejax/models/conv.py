@@ -134,7 +134,16 @@ def _use_winograd(which: str, lhs: Array, kernel_shape: tuple[int, ...], dtype, 
   return 18 * batch * height * width * channels * kernel_shape[3] >= threshold
 
 
+def _is_pointwise(kernel_shape: tuple[int, ...], *, strides: Pair, padding: Padding,
+                  rhs_dilation: Pair, feature_group_count: int) -> bool:
+  """A 1x1 / stride-1 / unpadded convolution: a matrix product over the channels."""
+  return (tuple(kernel_shape[:2]) == (1, 1) and tuple(strides) == (1, 1)
+          and tuple(map(tuple, padding)) == _NO_PADDING and feature_group_count == 1)
+
+
 def _cpu_conv(lhs: Array, rhs: Array, **params) -> Array:
+  if _is_pointwise(rhs.shape, **params):
+    return lax.dot_general(lhs, rhs[0, 0], (((3,), (0,)), ((), ())))
   if _use_winograd('forward', lhs, rhs.shape, rhs.dtype, **params):
     return winograd.conv3x3(lhs, rhs)
   return _lax_conv(lhs, rhs, **params)
@@ -221,6 +230,8 @@ def _transpose_lhs(ct, lhs, rhs, **params):
 
 
 def _cpu_kernel_grad(x: Array, dy: Array, kernel_shape: tuple[int, ...], **params) -> Array:
+  if _is_pointwise(kernel_shape, **params):
+    return lax.dot_general(x, dy, (((0, 1, 2), (0, 1, 2)), ((), ())))[None, None]
   if _use_winograd('kernel_grad', x, kernel_shape, dy.dtype, **params):
     return winograd.kernel_grad3x3(x, dy)
   return _kernel_grad(x, dy, kernel_shape, **params)
