@@ -17,6 +17,13 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from scorejax import host_memory
+
+if __name__ == '__main__':
+  # First of all: this may run the same command again with glibc's malloc tuned for XLA:CPU
+  # (huge pages, memory kept between steps; scorejax/host_memory.py, SCOREJAX_TUNE_MALLOC=0).
+  host_memory.reexec_with_tuned_malloc()
+
 _DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parent / 'configs' / 'default.py')
 
 
@@ -75,6 +82,7 @@ def main(argv):
   if message and jax.default_backend() == 'cpu':
     logging.info(message)
   logging.info('JAX %s: %s', jax.__version__, distributed.describe_devices())
+  logging.info('%s', host_memory.describe())
   logging.info('mode=%s workdir=%s config:\n%s', _MODE.value, workdir, config)
   from scorejax import run_eval, run_sample, run_train
   from scorejax.datasets import DatasetNotPreparedError

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from scorejax import losses, train, train_state
+from scorejax import host_memory, losses, train, train_state
 from scorejax import sde as sde_lib
 from scorejax.models import make_model, presets
 
@@ -323,6 +323,7 @@ def main() -> None:
                       help='comma-separated virtual CPU device counts to split the batch over')
   parser.add_argument('--no_write', action='store_true')
   args = parser.parse_args()
+  host_memory.reexec_with_tuned_malloc()
   device_counts = [int(d) for d in args.devices.split(',')]
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                              f' --xla_force_host_platform_device_count={max(device_counts)}')
@@ -351,7 +352,8 @@ def main() -> None:
            f'1 means other jobs were running); speed check (one 3x3 conv 128->128 on 8x32x32, '
            f'forward + gradients, see `calibration_ms`): {speed} before the first row; '
            f'batch {BATCH}, float32, precision "highest"; '
-           f'JAX {jax.__version__}. Command: `python scripts/bench_models.py '
+           f'JAX {jax.__version__}; {host_memory.describe()}, PyTorch in the same process. '
+           'Command: `python scripts/bench_models.py '
            f'--repeats {args.repeats} --devices {args.devices}`.\n\n{table}\n\n{NOTES}')
 
 

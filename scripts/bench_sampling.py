@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import integrate
 
-from scorejax import likelihood, sampling
+from scorejax import host_memory, likelihood, sampling
 from scorejax import sde as sde_lib
 from scorejax.models import make_model, make_score_fn
 
@@ -262,6 +262,7 @@ def main():
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--no_write', action='store_true')
   args = parser.parse_args()
+  host_memory.reexec_with_tuned_malloc()
   jax.config.update('jax_default_matmul_precision', 'highest')
   load_before = os.getloadavg()
   start = time.perf_counter()
@@ -277,7 +278,8 @@ def main():
       '## Sampling and likelihood (`scripts/bench_sampling.py`)',
       '',
       f'Machine: {platform.machine()}, {jax.device_count()} JAX CPU device, {os.cpu_count()} CPU '
-      'cores; load average (1 min, above ~1 means other jobs were running) '
+      f'cores; {host_memory.describe()}; '
+      'load average (1 min, above ~1 means other jobs were running) '
       f'{load_before[0]:.1f} at the start, {load_after[0]:.1f} at the end; whole run '
       f'{total_s / 60:.1f} min, compilation included. Timings are medians of {args.repeats} '
       'calls after a compiling call (the VJP likelihood and the scipy rows: one call). '

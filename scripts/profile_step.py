@@ -47,6 +47,9 @@ def _events(trace_dir: pathlib.Path) -> list[dict]:
 
 def main() -> None:
   args = _parse()
+  from scorejax import host_memory
+
+  host_memory.reexec_with_tuned_malloc()  # as main.py runs
   if args.devices > 1:
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                                f' --xla_force_host_platform_device_count={args.devices}')
