@@ -242,14 +242,35 @@ by layer and operation; batch 8, single layers timed in and outside `lax.scan`):
   the products contract over the output channels): per layer equal, up to 1.27x faster at
   8x8x256, but no change of the step beyond the noise in two A/B runs. Chunk sizes 2^16 /
   2^17 / 2^18 elements measured the same.
-- What is left in the train step: GEMM-bound layers (the Winograd products and 1x1 / small
-  convolutions, ~55% of op time), the tile transforms (memory-bound, ~15%), elementwise
-  backward fusions of GroupNorm / SiLU / attention, and the optimizer and EMA (~0.25 s,
-  memory-bound). Two virtual devices help the small networks' forward but not the CIFAR-10
-  step. This VM's speed drifts by up to ~30% over minutes with nothing else running (one
-  build measured 1.00 s / 3.86 s per CIFAR-10 forward / step, and an hour later 1.29 s /
-  5.0 s, compile times up by the same factor): compare rows of one run, interleaved
-  timings (the PyTorch column) or interleaved A/B runs.
+- Third round (2026-11-23, session 5), from the step's op profile and its system time:
+  (1) the 1x1 skip convolutions of the BigGAN blocks that change the channel count ran as
+  XLA convolutions, their kernel gradient as a convolution with a 32x32 window at 18-27
+  GFLOP/s (30 ms for 0.54 GFLOP). On CPU they are now matrix products (forward, input and
+  kernel gradient): per layer (8x32x32, 384 -> 128) kernel gradient 31.7 -> 12.0 ms,
+  forward 11.3 -> 6.5 ms, input gradient 12.2 -> 10.3 ms. (2) XLA:CPU allocates a call's
+  temporaries as one block (1.71 GB for this step), requested from one of its threads;
+  glibc maps such a block fresh (`mmap`) and unmaps it when the call ends (strace: one
+  1,713,401,856-byte mmap / munmap per step), so every step faulted 1.7 GB in again in 4 KiB
+  pages: ~420,000 page faults and 0.9-4 s of system time per step, against 0-30,000 faults
+  for PyTorch. `scorejax.host_memory` (main.py and these scripts call it first) re-runs the
+  command with glibc tunables that keep the block on the heap between calls, on 2 MiB
+  pages: no faults, ~0.05 s of system time. In separate processes, JAX and PyTorch
+  interleaved in each (CIFAR-10 step, 1 device, 2 x 4-5 steps after warm-up): default
+  malloc JAX 3.19-5.34 s, PyTorch 3.45-3.96 s; tuned JAX 2.60-3.29 s (best 2.60), PyTorch
+  3.28-3.79 s. Keeping the block without huge pages (`arena_max=1:mmap_max=0` alone) was no
+  faster than the default (3.2-4.2 s), and huge pages without keeping it (`hugetlb=1` alone)
+  pay the kernel's compaction every step (JAX 3.2-5.4 s with PyTorch in the process): the
+  two together help. `SCOREJAX_TUNE_MALLOC=0` turns it off. (3) Winograd F(4x4, 3x3) was
+  tried: 1.78x fewer products than F(2x2, 3x3), but ~1e-5 of the output's scale float32
+  error (F(2x2, 3x3): ~5e-7; direct: ~5e-7) and per layer from 1.3x faster (16x16, 256 ->
+  256) to slower (the 36 tile transforms cost more and its products are smaller): not kept.
+- What is left in the train step: GEMM-bound layers (the Winograd products and small convolutions),
+  the tile transforms (memory-bound), elementwise backward fusions of GroupNorm / SiLU / attention,
+  and the optimizer and EMA (~0.25 s, memory-bound). Two virtual devices help the small networks'
+  forward but not the CIFAR-10 step. This VM's speed drifts by up to ~30% over minutes with nothing
+  else running (one build measured 1.00 s / 3.86 s per CIFAR-10 forward / step, and an hour later
+  1.29 s / 5.0 s, compile times up by the same factor): compare rows of one run, interleaved timings
+  (the PyTorch column) or interleaved A/B runs.
 - The "PyTorch forward / step" column is `scripts/torch_ddpmpp.py` timed interleaved with
   the row's JAX calls (same DDPM++, golden-checked against score_sde_pytorch). The issue's
   one-off score_sde_pytorch numbers (batch 8, forward / step s): ''' + '; '.join(
@@ -259,9 +280,11 @@ by layer and operation; batch 8, single layers timed in and outside `lax.scan`):
 def calibration_ms(repeats: int) -> dict[str, float]:
   """One 3x3 conv, 128 -> 128 on 8x32x32, forward + both gradients: this package (one jitted
   `jax.grad`) and PyTorch (autograd) when installed, best of `repeats`. On the idle
-  development machine: ~50-56 ms (JAX) and ~42-45 ms (PyTorch). The PyTorch number is taken
-  again after every row ("speed check ms"); it did not move when this VM's XLA timings
-  drifted by ~25% (see docs/benchmarks.md), so it rules out other load, not the drift."""
+  development machine: ~50-56 ms (JAX) and ~42-45 ms (PyTorch) with glibc's default malloc,
+  ~31 ms (JAX) and ~38-40 ms (PyTorch) with `scorejax.host_memory`'s tuning. The PyTorch
+  number is taken again after every row ("speed check ms"); it did not move when this VM's
+  XLA timings drifted by ~25% (see docs/benchmarks.md), so it rules out other load, not the
+  drift."""
   from scorejax.models.conv import conv2d
 
   x = jax.random.normal(jax.random.key(0), (8, 32, 32, 128))
