@@ -15,9 +15,10 @@ glibc reads `GLIBC_TUNABLES` only when a process starts, so `reexec_with_tuned_m
 runs the current command again with them (`os.execve`: same process id, arguments and
 environment otherwise). `main.py` and the benchmark scripts call it first. It does nothing
 when it has nothing to add (already set, e.g. after the re-execution), when
-`SCOREJAX_TUNE_MALLOC=0`, off glibc >= 2.35 (the first with `glibc.malloc.hugetlb`), or
-when the kernel's transparent huge pages are off. Memory is then not returned to the
-system until the process ends: its footprint stays at its peak.
+`SCOREJAX_TUNE_MALLOC=0`, on a C library other than glibc >= 2.35 (the first with
+`glibc.malloc.hugetlb`), or when the kernel's transparent huge pages are off. With the
+tuning, memory is not returned to the system until the process ends: its footprint stays
+at its peak.
 """
 
 from __future__ import annotations

@@ -42,7 +42,10 @@ input-gradient convolutions through `conv_p`'s CPU lowering, the kernel gradient
 transpose rule (as matrix products, without transposing the activations). Its values
 differ from XLA's convolution by ~1e-6 of their scale; `cpu_winograd(None, None)` turns it
 off (it applies to functions traced after the change). Elsewhere forward values are XLA's
-convolution, unchanged. On CPU the gradients cost what XLA's own gradient costs outside
+convolution, unchanged, except 1x1 / stride-1 / unpadded layers, which on CPU are matrix
+products over the channels in all three roles (forward, input gradient, kernel gradient:
+XLA ran the latter as a convolution with an image-sized window at ~20 GFLOP/s). On CPU the
+gradients cost what XLA's own gradient costs outside
 loops, and the same inside. Second-order terms of strided convs run dilated-kernel
 convolutions (still canonical); feature-grouped ones (vmap with batched kernels) are left
 to XLA's grouped convolution, whose CPU speed was not measured here.
@@ -136,7 +139,8 @@ def _use_winograd(which: str, lhs: Array, kernel_shape: tuple[int, ...], dtype, 
 
 def _is_pointwise(kernel_shape: tuple[int, ...], *, strides: Pair, padding: Padding,
                   rhs_dilation: Pair, feature_group_count: int) -> bool:
-  """A 1x1 / stride-1 / unpadded convolution: a matrix product over the channels."""
+  """A 1x1 / stride-1 / unpadded convolution: a matrix product over the channels (a 1x1
+  kernel's dilation changes nothing)."""
   return (tuple(kernel_shape[:2]) == (1, 1) and tuple(strides) == (1, 1)
           and tuple(map(tuple, padding)) == _NO_PADDING and feature_group_count == 1)
 
