@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -114,6 +116,25 @@ def batch_sharding(mesh: Mesh, leading_axes: int = 0) -> NamedSharding:
       `[n_jitted_steps, B, ...]` stacks fed to a scanned train step).
   """
   return NamedSharding(mesh, PartitionSpec(*([None] * leading_axes), DATA_AXIS))
+
+
+def batch_sharded_score_builder(builder: Callable[[Any], Callable], mesh: Mesh) -> Callable:
+  """`builder` (`params -> score_fn(x, t)`) with every score evaluation pinned to the batch
+  sharding of `mesh`: `x`, `t` and the score are split along their leading axis, so under
+  `jax.jit` each device evaluates the network on its own rows inside any sampler loop."""
+  rows = batch_sharding(mesh)
+
+  def sharded_builder(params):
+    score_fn = builder(params)
+
+    def constrained(x, t):
+      x = jax.lax.with_sharding_constraint(x, rows)
+      t = jax.lax.with_sharding_constraint(t, rows)
+      return jax.lax.with_sharding_constraint(score_fn(x, t), rows)
+
+    return constrained
+
+  return sharded_builder
 
 
 def process_batch_slice(global_batch_size: int) -> slice:

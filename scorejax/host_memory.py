@@ -16,7 +16,9 @@ runs the current command again with them (`os.execve`: same process id, argument
 environment otherwise). `main.py` and the benchmark scripts call it first. It does nothing
 when it has nothing to add (already set, e.g. after the re-execution), when
 `SCOREJAX_TUNE_MALLOC=0`, on a C library other than glibc >= 2.35 (the first with
-`glibc.malloc.hugetlb`), or when the kernel's transparent huge pages are off. With the
+`glibc.malloc.hugetlb`), when the kernel's transparent huge pages are off, or when JAX will
+run on an accelerator (`JAX_PLATFORMS` names another platform first, or, unset, a GPU / TPU
+device node exists: there the device, not the host's malloc, holds the temporaries). With the
 tuning, memory is not returned to the system until the process ends: its footprint stays
 at its peak.
 """
@@ -37,6 +39,7 @@ TUNABLES = {
 }
 DISABLE_VARIABLE = 'SCOREJAX_TUNE_MALLOC'
 _THP_MODES = pathlib.Path('/sys/kernel/mm/transparent_hugepage/enabled')
+ACCELERATOR_NODES = ('/dev/nvidiactl', '/dev/kfd', '/dev/accel0', '/dev/vfio/0')
 
 
 def _glibc_supports_hugetlb() -> bool:
@@ -59,6 +62,15 @@ def transparent_huge_pages() -> str | None:
   return selected[0] if selected else None
 
 
+def accelerator_expected(environ: Mapping[str, str]) -> bool:
+  """Whether JAX will run on something other than the CPU: `JAX_PLATFORMS` when set (its
+  first entry), else whether a GPU / TPU device node exists."""
+  platforms = environ.get('JAX_PLATFORMS', '')
+  if platforms:
+    return platforms.split(',')[0].strip() != 'cpu'
+  return any(pathlib.Path(node).exists() for node in ACCELERATOR_NODES)
+
+
 def merge_tunables(current: str, tunables: Mapping[str, str]) -> str:
   """`current` (a `GLIBC_TUNABLES` value, `name=value:name=value`) with `tunables` added;
   names already set in `current` keep their value."""
@@ -74,6 +86,8 @@ def tuned_environment(environ: Mapping[str, str]) -> dict[str, str] | None:
   if environ.get(DISABLE_VARIABLE, '1') == '0':
     return None
   if not _glibc_supports_hugetlb() or transparent_huge_pages() not in ('always', 'madvise'):
+    return None
+  if accelerator_expected(environ):
     return None
   current = environ.get('GLIBC_TUNABLES', '')
   merged = merge_tunables(current, TUNABLES)

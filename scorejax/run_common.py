@@ -185,18 +185,8 @@ def make_sharded_sampler(
     raise ValueError(f'sampling batch {batch_size} must be a multiple of the {mesh.size} devices')
   rows = distributed.batch_sharding(mesh)
   replicated = distributed.replicated_sharding(mesh)
-  builder = score_fn_builder(model, sde, config.training.continuous)
-
-  def sharded_builder(params):
-    score_fn = builder(params)
-
-    def constrained(x, t):
-      x = jax.lax.with_sharding_constraint(x, rows)
-      t = jax.lax.with_sharding_constraint(t, rows)
-      return jax.lax.with_sharding_constraint(score_fn(x, t), rows)
-
-    return constrained
-
+  sharded_builder = distributed.batch_sharded_score_builder(
+      score_fn_builder(model, sde, config.training.continuous), mesh)
   sampler = make_sampler(config, model, sde, (batch_size, *element_shape(config)),
                          builder=sharded_builder)
   return jax.jit(sampler, in_shardings=(replicated, replicated),

@@ -13,13 +13,18 @@ One network, one batch, one run, side by side:
   again inside a jitted gradient for the divergence), same data, same Hutchinson noise: NFE,
   wall time per NFE in forwards, and bits/dim of both.
 
+Each count of `--devices` (virtual CPU devices) runs every row in a process of its own, with the
+batch split over the devices as `main.py` samples (`distributed.batch_sharded_score_builder`),
+the unit forward included; the rows of each case sit side by side in one table. On a machine
+with an accelerator the CPU device count changes nothing and one run is kept.
+
 The network is the small DDPM++ of `tests/data/ddpmpp_small_config.json` (16x16x3, nf=32,
 VP SDE) built by `scorejax.models.make_model`, with every parameter perturbed by N(0, 0.02^2)
 so that the zero-initialised layers do not make the score trivial.
 
 Usage:
   python scripts/bench_sampling.py [--batch_size 8] [--pc_steps 100] [--rtol 1e-4]
-    [--atol 1e-4] [--no_write]
+    [--atol 1e-4] [--devices 1,2] [--no_write] [--doc docs/benchmarks.md] [--tag cpu]
 """
 
 import argparse
@@ -28,6 +33,9 @@ import os
 import pathlib
 import platform
 import re
+import subprocess
+import sys
+import tempfile
 import time
 
 import jax
@@ -35,11 +43,10 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import integrate
 
-from scorejax import host_memory, likelihood, sampling
+from scorejax import distributed, host_memory, likelihood, sampling
 from scorejax import sde as sde_lib
 from scorejax.models import make_model, make_score_fn
 
-_BEGIN, _END = '<!-- bench_sampling:begin -->', '<!-- bench_sampling:end -->'
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -78,15 +85,28 @@ def _median_time(fn, repeats):
   return float(np.median(times)), out
 
 
-def _scipy_ode_sample(builder, variables, sde, x0, rtol, atol, eps):
-  """The reference's ODE sampler: host RK45 around a jitted probability-flow drift."""
+def _compiled(fn):
+  """Calls `fn` once (compiling it) and returns `() -> (seconds, out)` timing one call."""
+  jax.block_until_ready(fn())
+
+  def timed():
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    return time.perf_counter() - start, out
+
+  return timed
+
+
+def _scipy_ode_sample(builder, variables, sde, x0, rtol, atol, eps, rows):
+  """The reference's ODE sampler: host RK45 around a jitted probability-flow drift; each
+  call copies the state to the devices (split by `rows`) and the drift back."""
   shape = x0.shape
   drift_fn = jax.jit(
       lambda v, x, t: sde.reverse(builder(v), probability_flow=True).sde(x, t)[0])
 
   def ode_func(t, x):
-    x = jnp.asarray(x.reshape(shape), jnp.float32)
-    vec_t = jnp.full((shape[0],), t, jnp.float32)
+    x = jax.device_put(x.reshape(shape).astype(np.float32), rows)
+    vec_t = jax.device_put(np.full((shape[0],), t, np.float32), rows)
     return np.asarray(drift_fn(variables, x, vec_t)).reshape(-1)
 
   ode_func(sde.T, np.asarray(x0))  # compile
@@ -96,7 +116,7 @@ def _scipy_ode_sample(builder, variables, sde, x0, rtol, atol, eps):
   return time.perf_counter() - start, solution.nfev, solution.y[:, -1].reshape(shape)
 
 
-def _scipy_log_likelihood(builder, variables, sde, x, noise, rtol, atol, eps):
+def _scipy_log_likelihood(builder, variables, sde, x, noise, rtol, atol, eps, rows):
   """The reference's likelihood: host RK45; drift, then the drift again inside a gradient."""
   shape, batch = x.shape, x.shape[0]
   drift = lambda v, x, t: sde.reverse(builder(v), probability_flow=True).sde(x, t)[0]
@@ -108,8 +128,8 @@ def _scipy_log_likelihood(builder, variables, sde, x, noise, rtol, atol, eps):
     return jnp.sum((grad * noise).reshape(batch, -1), axis=-1)
 
   def ode_func(t, state):
-    sample = jnp.asarray(state[:-batch].reshape(shape), jnp.float32)
-    vec_t = jnp.full((batch,), t, jnp.float32)
+    sample = jax.device_put(state[:-batch].reshape(shape).astype(np.float32), rows)
+    vec_t = jax.device_put(np.full((batch,), t, np.float32), rows)
     drift_out = np.asarray(drift_fn(variables, sample, vec_t)).reshape(-1)
     return np.concatenate([drift_out, np.asarray(div_fn(variables, sample, vec_t, noise))])
 
@@ -127,66 +147,82 @@ def _scipy_log_likelihood(builder, variables, sde, x, noise, rtol, atol, eps):
 def run(args) -> tuple[str, list[list[str]]]:
   """Times every case; each row's unit is a forward timed right before and after it.
 
-  The machine is shared and its load swings within minutes, so one forward timed at the start
-  would not be the unit of a row timed five minutes later: every row divides by the mean of
-  two forward medians taken around it, and shows that unit.
+  The machine is shared and its load swings within seconds, so one forward timed at the start
+  would not be the unit of a row timed minutes later: every timed call of a row is divided by
+  the mean of two forward medians taken right before and after it (`add`).
   """
   sde = sde_lib.VPSDE()
   shape = (args.batch_size, args.image_size, args.image_size, 3)
-  builder, variables, network = _build_score_fn(sde, shape)
+  mesh = distributed.make_mesh()
+  rows_sharding = distributed.batch_sharding(mesh)
+  plain_builder, variables, network = _build_score_fn(sde, shape)
+  # As `main.py` samples: the batch split over every device, parameters replicated.
+  builder = distributed.batch_sharded_score_builder(plain_builder, mesh)
+  variables = jax.device_put(variables, distributed.replicated_sharding(mesh))
   key = jax.random.key(0)
-  x = jax.random.normal(key, shape)
-  t = jnp.full((shape[0],), 0.5)
+  x = jax.device_put(jax.random.normal(key, shape), rows_sharding)
+  t = jax.device_put(jnp.full((shape[0],), 0.5), rows_sharding)
   forward = jax.jit(lambda v, x, t: builder(v)(x, t))
   unit_fn = lambda: _median_time(lambda: forward(variables, x, t), 9)[0]
   rows = _Rows()
 
-  def add(case, nfe, timed_fn, notes=''):
-    """Runs `timed_fn() -> (seconds, out)` between two forward timings and adds its row."""
+  def add(case, nfe, timed_fn, notes='', repeats=1):
+    """Alternates `repeats` calls of `timed_fn() -> (seconds, out)` with forward timings and
+    adds the row: each call's ratio divides by the forward timed right before and after it
+    (the load swings within seconds); wall time, forward and ratio are medians."""
+    seconds, units, ratios = [], [], []
     before = unit_fn()
-    seconds, out = timed_fn()
-    unit = 0.5 * (before + unit_fn())
-    nfe = nfe(out) if callable(nfe) else nfe
-    rows.append([case, f'{nfe}', f'{1e3 * seconds:.0f}', f'{1e3 * unit:.1f}',
-                 f'{seconds / nfe / unit:.2f}', notes(out) if callable(notes) else notes])
+    for _ in range(repeats):
+      elapsed, out = timed_fn()
+      after = unit_fn()
+      count = nfe(out) if callable(nfe) else nfe
+      seconds.append(elapsed)
+      units.append(0.5 * (before + after))
+      ratios.append(elapsed / count / units[-1])
+      before = after
+    median = lambda values: float(np.median(values))
+    rows.append([case, f'{count}', f'{1e3 * median(seconds):.0f}', f'{1e3 * median(units):.1f}',
+                 f'{median(ratios):.2f}', notes(out) if callable(notes) else notes])
     return out
 
   loop_steps = 20
   loop = jax.jit(lambda v, x: jax.lax.fori_loop(
       0, loop_steps, lambda i, y: y - 1e-3 * builder(v)(y, t), x))
   add(f'the forward inside a `fori_loop` ({loop_steps} iterations)', loop_steps,
-      lambda: _median_time(lambda: loop(variables, x), args.repeats),
-      'floor of any in-graph loop')
+      _compiled(lambda: loop(variables, x)), 'floor of any in-graph loop', args.repeats)
   tol = dict(rtol=args.rtol, atol=args.atol)
 
   pc_fn = sampling.make_pc_sampler(builder, sde, shape, n_steps=args.pc_steps)
   pc_nfe = pc_fn(key, variables)[1]
   add(f'PC sampler (reverse diffusion + Langevin, {args.pc_steps} steps)', pc_nfe,
-      lambda: _median_time(lambda: pc_fn(key, variables)[0], args.repeats), 'goal <= 0.88')
+      _compiled(lambda: pc_fn(key, variables)[0]), 'goal <= 0.88', args.repeats)
   # The sampler's own work per NFE (noise, norms, updates), with a free score `-x`.
-  bare_fn = sampling.make_pc_sampler(lambda v: lambda x, t: -x, sde, shape, n_steps=args.pc_steps)
+  bare_fn = sampling.make_pc_sampler(
+      distributed.batch_sharded_score_builder(lambda v: lambda x, t: -x, mesh), sde, shape,
+      n_steps=args.pc_steps)
   add('PC sampler machinery alone (score = -x)', pc_nfe,
-      lambda: _median_time(lambda: bare_fn(key, variables)[0], args.repeats),
-      'sampler overhead per NFE')
+      _compiled(lambda: bare_fn(key, variables)[0]), 'sampler overhead per NFE', args.repeats)
 
   x_prior = sde.prior_sampling(jax.random.key(1), shape)
   for method in ['rk45', 'tsit5']:
     ode_fn = sampling.make_ode_sampler(builder, sde, shape, method=method, **tol)
     note = 'scipy RK45 controller, in-graph' if method == 'rk45' else 'diffrax'
     add(f'ODE sampler, in-graph `{method}`', lambda out: int(out[1]),
-        lambda f=ode_fn: _median_time(lambda: f(jax.random.key(1), variables), args.repeats),
-        note + '; goal <= 1.0')
+        _compiled(lambda f=ode_fn: f(jax.random.key(1), variables)), note + '; goal <= 1.0',
+        args.repeats)
   add('ODE sampler, host scipy RK45 (reference way)', lambda out: out[0],
       lambda: (lambda r: (r[0], r[1:]))(
-          _scipy_ode_sample(builder, variables, sde, x_prior, eps=1e-3, **tol)),
+          _scipy_ode_sample(builder, variables, sde, x_prior, eps=1e-3, rows=rows_sharding,
+                            **tol)),
       'reference: 1.03')
 
   pixels = jax.random.randint(jax.random.key(2), shape, 0, 256) / 255.0
   data = 2.0 * (255.0 * pixels + jax.random.uniform(jax.random.key(3), shape)) / 256.0 - 1.0
+  data = jax.device_put(data, rows_sharding)
   dim = np.prod(shape[1:])
   to_bpd = lambda logp: float(np.mean(-np.asarray(logp) / (dim * np.log(2)) + 7.0))
   lik_key = jax.random.key(4)
-  noise = jax.random.rademacher(lik_key, shape, jnp.float32)
+  noise = jax.device_put(jax.random.rademacher(lik_key, shape, jnp.float32), rows_sharding)
   bpds = {}
   for product, repeats in [('jvp', args.repeats), ('vjp', 1)]:
     lik_fn = jax.jit(lambda key, v, data, p=product: likelihood.log_likelihood(
@@ -195,8 +231,8 @@ def run(args) -> tuple[str, list[list[str]]]:
     logp, _, _ = add(
         f'likelihood, in-graph `rk45`, Rademacher ({product.upper()} with the drift)',
         lambda out: int(out[2]),
-        lambda f=lik_fn, r=repeats: _median_time(lambda: f(lik_key, variables, data), r),
-        lambda out, g=goal: f'{to_bpd(out[0]):.4f} bpd{g}')
+        _compiled(lambda f=lik_fn: f(lik_key, variables, data)),
+        lambda out, g=goal: f'{to_bpd(out[0]):.4f} bpd{g}', repeats)
     bpds[product] = to_bpd(logp)
 
   def reference_notes(out):
@@ -207,12 +243,13 @@ def run(args) -> tuple[str, list[list[str]]]:
   add('likelihood, host scipy RK45 (reference way: drift, then drift in a gradient)',
       lambda out: out[0],
       lambda: (lambda r: (r[0], r[1:]))(
-          _scipy_log_likelihood(builder, variables, sde, data, noise, eps=1e-5, **tol)),
+          _scipy_log_likelihood(builder, variables, sde, np.asarray(data), noise, eps=1e-5,
+                                rows=rows_sharding, **tol)),
       reference_notes)
   return network, rows
 
 
-FINDINGS = """Findings (profiles: `jax.profiler` traces summed per XLA op, as
+CPU_FINDINGS = """Findings (profiles: `jax.profiler` traces summed per XLA op, as
 `scripts/profile_step.py` does, and the compiled HLO):
 - **PC sampler: ~0.97-0.98 forwards per NFE; goal <= 0.88 not met as a ratio.** The sampler's
   own work is ~0.1 ms per NFE (row "machinery alone", <1% of a forward), and a forward
@@ -244,12 +281,28 @@ FINDINGS = """Findings (profiles: `jax.profiler` traces summed per XLA op, as
 """
 
 
+GPU_FINDINGS = """Findings: none recorded for this machine yet; the table is this run's."""
+
+FINDINGS = {'cpu': CPU_FINDINGS, 'gpu': GPU_FINDINGS}
+
 class _Rows(list):
   """A list of table rows that prints each row as it is added (runs take minutes)."""
 
   def append(self, row):
     print(' | '.join(row), flush=True)
     super().append(row)
+
+
+def _child(args) -> None:
+  """Runs every row on `args.child` virtual CPU devices and writes them to `args.rows_out`."""
+  flags = os.environ.get('XLA_FLAGS', '')
+  os.environ['XLA_FLAGS'] = f'{flags} --xla_force_host_platform_device_count={args.child}'
+  jax.config.update('jax_default_matmul_precision', 'highest')
+  device = jax.devices()[0]
+  network, rows = run(args)
+  record = dict(network=network, rows=rows, platform=device.platform,
+                device_kind=device.device_kind, devices=jax.device_count())
+  pathlib.Path(args.rows_out).write_text(json.dumps(record))
 
 
 def main():
@@ -260,49 +313,82 @@ def main():
   parser.add_argument('--rtol', type=float, default=1e-3)
   parser.add_argument('--atol', type=float, default=1e-3)
   parser.add_argument('--repeats', type=int, default=3)
+  parser.add_argument('--devices', default='1,2',
+                      help='virtual CPU device counts, one process each (the batch is split '
+                      'over the devices, as main.py does); an accelerator runs once on its own')
   parser.add_argument('--no_write', action='store_true')
+  parser.add_argument('--doc', default=str(_ROOT / 'docs' / 'benchmarks.md'),
+                      help='the Markdown file whose section this run replaces')
+  parser.add_argument('--tag', default=None,
+                      help='names the section (default: the JAX platform, e.g. cpu, gpu)')
+  parser.add_argument('--child', type=int, default=0, help=argparse.SUPPRESS)
+  parser.add_argument('--rows_out', default='', help=argparse.SUPPRESS)
   args = parser.parse_args()
   host_memory.reexec_with_tuned_malloc()
-  jax.config.update('jax_default_matmul_precision', 'highest')
+  if args.child:
+    _child(args)
+    return
   load_before = os.getloadavg()
   start = time.perf_counter()
-  network, rows = run(args)
+  records = []
+  with tempfile.TemporaryDirectory() as tmp:
+    for count in [int(d) for d in args.devices.split(',')]:
+      out = pathlib.Path(tmp) / f'{count}.json'
+      subprocess.run([sys.executable, __file__, *sys.argv[1:], '--child', str(count),
+                      '--rows_out', str(out)], check=True)
+      record = json.loads(out.read_text())
+      if any(r['devices'] == record['devices'] for r in records):
+        break  # an accelerator: the CPU device count changed nothing
+      records.append(record)
   total_s = time.perf_counter() - start
   load_after = os.getloadavg()
+  first = records[0]
+  tag = args.tag or first['platform']
+  # Rows of one case side by side, one per device count.
+  table = [row[:1] + [str(r['devices'])] + row[1:] for i, row in enumerate(first['rows'])
+           for r in records for row in [r['rows'][i]]]
+  counts = ', '.join(str(r['devices']) for r in records)
   command = ('python scripts/bench_sampling.py '
              f'--batch_size {args.batch_size} --image_size {args.image_size} '
              f'--pc_steps {args.pc_steps} --rtol {args.rtol:g} --atol {args.atol:g} '
-             f'--repeats {args.repeats}')
+             f'--repeats {args.repeats} --devices {args.devices}')
+  begin, end = f'<!-- bench_sampling:{tag}:begin -->', f'<!-- bench_sampling:{tag}:end -->'
+  platform_name = first['platform'].upper()
+  title = '' if tag == 'cpu' else f', {platform_name} ({first["device_kind"]})'
   lines = [
-      _BEGIN,
-      '## Sampling and likelihood (`scripts/bench_sampling.py`)',
+      begin,
+      f'## Sampling and likelihood{title} (`scripts/bench_sampling.py`)',
       '',
-      f'Machine: {platform.machine()}, {jax.device_count()} JAX CPU device, {os.cpu_count()} CPU '
-      f'cores; {host_memory.describe()}; '
+      f'Machine: {platform.machine()}, {os.cpu_count()} CPU cores, JAX {platform_name} '
+      f'devices: {counts} ({first["device_kind"]}; one process each); '
+      f'{host_memory.describe()}; '
       'load average (1 min, above ~1 means other jobs were running) '
       f'{load_before[0]:.1f} at the start, {load_after[0]:.1f} at the end; whole run '
       f'{total_s / 60:.1f} min, compilation included. Timings are medians of {args.repeats} '
       'calls after a compiling call (the VJP likelihood and the scipy rows: one call). '
-      f'Network: {network}; VP SDE; batch {args.batch_size} of '
-      f'{args.image_size}x{args.image_size}x3; '
+      f'Network: {first["network"]}; VP SDE; batch {args.batch_size} of '
+      f'{args.image_size}x{args.image_size}x3, split over the devices as `main.py` does '
+      '(`distributed.batch_sharded_score_builder`); '
       f'rtol = {args.rtol:g}, atol = {args.atol:g}. Command: `{command}`.',
       '',
-      '"forwards / NFE" is wall time per score evaluation divided by one jitted forward '
-      '(the median of 9 calls before and of 9 after the row, averaged); '
+      '"forwards / NFE" is wall time per score evaluation divided by one jitted forward on the '
+      'same devices, per timed call (the median of 9 forwards right before and of 9 right '
+      'after that call, averaged; the row shows the medians over its calls); '
       'NFE counts every evaluation of the score (in-graph: exact, `scorejax.ode`; scipy: '
       '`nfev`).',
       '',
-      '| case | NFE | wall ms | forward ms (around the row) | forwards / NFE | notes |',
-      '|---|---|---|---|---|---|',
-  ] + ['| ' + ' | '.join(row) + ' |' for row in rows] + ['', FINDINGS.rstrip(), _END]
+      '| case | devices | NFE | wall ms | forward ms (around the row) | forwards / NFE | notes |',
+      '|---|---|---|---|---|---|---|',
+  ] + ['| ' + ' | '.join(row) + ' |' for row in table]
+  lines += ['', FINDINGS.get(tag, GPU_FINDINGS).rstrip(), end]
   section = '\n'.join(lines)
   print(section)
   if args.no_write:
     return
-  path = _ROOT / 'docs' / 'benchmarks.md'
+  path = pathlib.Path(args.doc)
   text = path.read_text() if path.exists() else '# scorejax benchmarks\n'
-  if _BEGIN in text:
-    text = re.sub(re.escape(_BEGIN) + '.*?' + re.escape(_END), lambda _: section, text,
+  if begin in text:
+    text = re.sub(re.escape(begin) + '.*?' + re.escape(end), lambda _: section, text,
                   flags=re.DOTALL)
   else:
     text = text.rstrip('\n') + '\n\n' + section + '\n'

@@ -39,7 +39,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from scorejax import datasets, distributed, run_common, run_train  # noqa: E402
+from scorejax import datasets, distributed, host_memory, run_common, run_train  # noqa: E402
 from scorejax.logging_utils import read_jsonl  # noqa: E402
 from scorejax.models import make_model  # noqa: E402
 from scorejax.train import make_train_step  # noqa: E402
@@ -157,6 +157,7 @@ def main() -> None:
   parser.add_argument('--cifar_source', choices=['synthetic', 'folder'], default='synthetic')
   parser.add_argument('--write', action='store_true', help='update docs/benchmarks.md')
   args = parser.parse_args()
+  host_memory.reexec_with_tuned_malloc()
   names = args.configs.split(',')
   steps = [int(s) for s in args.steps.split(',')]
   batch_sizes = [int(b) for b in args.batch_sizes.split(',')]
@@ -186,7 +187,8 @@ def main() -> None:
       f'--batch_sizes={args.batch_sizes} --repeats={args.repeats} '
       f'--cifar_source={args.cifar_source} --write` on {platform.node() or "this machine"} '
       f'({os.cpu_count()} CPU cores, {jax.device_count()} JAX {jax.default_backend()} devices, '
-      f'JAX {jax.__version__}), {time.strftime("%Y-%m-%d")}. Loop: median images/s of '
+      f'JAX {jax.__version__}; {host_memory.describe()}), {time.strftime("%Y-%m-%d")}. '
+      'Loop: median images/s of '
       '`run_train.run` log intervals after the first (data pipeline, host-to-device transfer, '
       'metrics, progress bar; checkpoints and snapshots off); bare: the same jitted, sharded, '
       'donated step called back to back on device-resident batches, one step in flight as in '

@@ -27,6 +27,7 @@ def test_merge_keeps_the_users_values_and_adds_the_rest():
 
 
 def test_tuned_environment_is_none_when_disabled_or_already_tuned(monkeypatch):
+  monkeypatch.setattr(host_memory, 'ACCELERATOR_NODES', ())
   monkeypatch.setattr(host_memory, '_glibc_supports_hugetlb', lambda: True)
   monkeypatch.setattr(host_memory, 'transparent_huge_pages', lambda: 'madvise')
   tuned = host_memory.tuned_environment({'PATH': '/bin'})
@@ -37,6 +38,18 @@ def test_tuned_environment_is_none_when_disabled_or_already_tuned(monkeypatch):
   assert 'not tuned' in host_memory.describe({})
   monkeypatch.setattr(host_memory, 'transparent_huge_pages', lambda: 'never')
   assert host_memory.tuned_environment({}) is None
+
+
+def test_no_tuning_when_jax_will_run_on_an_accelerator(tmp_path, monkeypatch):
+  monkeypatch.setattr(host_memory, '_glibc_supports_hugetlb', lambda: True)
+  monkeypatch.setattr(host_memory, 'transparent_huge_pages', lambda: 'madvise')
+  node = tmp_path / 'nvidiactl'
+  monkeypatch.setattr(host_memory, 'ACCELERATOR_NODES', (str(node),))
+  assert host_memory.tuned_environment({}) is not None  # no device node, no JAX_PLATFORMS
+  assert host_memory.tuned_environment({'JAX_PLATFORMS': 'cuda,cpu'}) is None
+  node.touch()
+  assert host_memory.tuned_environment({}) is None
+  assert host_memory.tuned_environment({'JAX_PLATFORMS': 'cpu'}) is not None  # the user's word
 
 
 @pytest.mark.parametrize('text,mode', [('always [madvise] never\n', 'madvise'),
