@@ -251,26 +251,32 @@ def run(args) -> tuple[str, list[list[str]]]:
 
 CPU_FINDINGS = """Findings (profiles: `jax.profiler` traces summed per XLA op, as
 `scripts/profile_step.py` does, and the compiled HLO):
-- **PC sampler: ~0.97-0.98 forwards per NFE; goal <= 0.88 not met as a ratio.** The sampler's
-  own work is ~0.1 ms per NFE (row "machinery alone", <1% of a forward), and a forward
-  inside any `fori_loop` costs ~0.91-0.94 of a standalone call (the standalone call pays
-  ~1-2 ms of dispatch and argument handling for ~300 parameter buffers). With one score
-  call site per loop iteration instead of two (corrector and predictor alternating under a
-  `lax.cond`) the ratio was the same (1.00 vs 0.99, interleaved A/B). Profiled op by op,
-  every layer costs the same inside the PC loop as in the standalone forward; the only
-  parameter-only work, the Winograd kernel transforms of the larger layers, XLA hoists out
-  of the loop (checked in the compiled HLO); it is a few small matrix products per layer
-  (its share of a forward was not measured separately). The reference's
-  0.88 is relative to its own standalone forward (0.035 s for this network per the issue);
-  in absolute terms its PC sampler spends ~0.88 x 35 = 31 ms per NFE, this one ~20 ms
-  (the forward itself is ~35% faster: `docs/benchmarks.md`, Models).
+- **PC sampler: 0.91-0.93 forwards per NFE on 1 device in the two runs of session 6
+  (0.97-0.98 before), 0.95-0.96 on 2 devices; goal <= 0.88 not met as a ratio.** The
+  sampler's own work is ~0.1 ms per NFE (row "machinery alone"), and a forward inside any
+  `fori_loop` costs ~0.90-0.95 of a standalone call on 1 device (the standalone call pays
+  ~1-2 ms of dispatch and argument handling for ~300 parameter buffers). Profiled op by op,
+  every layer costs the same inside the PC loop as in the standalone forward; the
+  parameter-only work (Winograd kernel transforms) XLA already hoists out of the loop.
+  Tried and not kept: (1) one score call site per iteration instead of two: same ratio;
+  (2) hoisting the time-only part of the network (time embedding, the per-block projections
+  of it: 112 of 1653 top-level ops) out of the loop by splitting the traced score function's
+  jaxpr and evaluating that part for the whole time grid before the loop: samples equal to
+  4e-7, ratio 0.957 -> 0.956 on 1 device and 0.84 -> 0.81 on 2 (interleaved), within the
+  noise; (3) 2 devices (the batch split as `main.py` does on this 2-core machine): short
+  interleaved runs gave 0.81-0.96, these full runs 0.95-0.96, while a bare forward loop on
+  2 devices gave 0.82-0.98; the wall time per NFE is ~30% lower than on 1 device. The
+  machine's speed drifts: the unit forward ranged 17-33 ms within these runs (20 ms in
+  session 5). The reference's 0.88 is relative to its own standalone forward (0.035 s for
+  this network per the issue); in absolute terms its PC sampler spends ~0.88 x 35 = 31 ms
+  per NFE, this one 18-25 ms on 1 device and 13-18 ms on 2.
 - **ODE: `method='rk45'`** (in-graph Dormand-Prince with scipy's exact step control:
   Hairer initial step, RMS norm of `err / (atol + rtol max(|y|, |y_new|))`, `0.9 err^-1/5`
   clipped to [0.2, 10], no growth after a rejection) takes **the same NFE as scipy RK45**
-  (50 = 50; `tests/test_ode.py` checks equality at several tolerances) at ~0.95 forwards
+  (50 = 50; `tests/test_ode.py` checks equality at several tolerances) at 0.87-0.95 forwards
   per NFE: goal (<= 1.0, no more NFE) met. diffrax Tsit5 needs more NFE (its error
   estimator differs); diffrax Dopri5 is within ~10% of scipy.
-- **Likelihood: ~1.8-1.95 forwards per NFE with the JVP, ~1.95-2.0 with the VJP** (drift and
+- **Likelihood: 1.6-1.95 forwards per NFE with the JVP, 1.65-2.0 with the VJP** (drift and
   Hutchinson product from one `jax.jvp` / `jax.vjp`), against ~3.1-3.4 for the reference's way
   (drift, then the drift again inside a gradient) measured here: goal <= 2.0 met, bits/dim
   equal to the host scipy loop to 1e-4 at the same NFE (176). Both modes are fast inside
