@@ -74,17 +74,6 @@ def _build_score_fn(sde, shape):
   return builder, variables, f'{name}, {count:,} parameters'
 
 
-def _median_time(fn, repeats):
-  """Median wall time of `repeats` calls after one compiling call (the machine is shared)."""
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    out = jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return float(np.median(times)), out
-
-
 def _compiled(fn):
   """Calls `fn` once (compiling it) and returns `() -> (seconds, out)` timing one call."""
   jax.block_until_ready(fn())
@@ -163,7 +152,8 @@ def run(args) -> tuple[str, list[list[str]]]:
   x = jax.device_put(jax.random.normal(key, shape), rows_sharding)
   t = jax.device_put(jnp.full((shape[0],), 0.5), rows_sharding)
   forward = jax.jit(lambda v, x, t: builder(v)(x, t))
-  unit_fn = lambda: _median_time(lambda: forward(variables, x, t), 9)[0]
+  timed_forward = _compiled(lambda: forward(variables, x, t))
+  unit_fn = lambda: float(np.median([timed_forward()[0] for _ in range(9)]))
   rows = _Rows()
 
   def add(case, nfe, timed_fn, notes='', repeats=1):
@@ -254,8 +244,8 @@ CPU_FINDINGS = """Findings (profiles: `jax.profiler` traces summed per XLA op, a
 - **PC sampler: 0.91-0.93 forwards per NFE on 1 device in the two runs of session 6
   (0.97-0.98 before), 0.95-0.96 on 2 devices; goal <= 0.88 not met as a ratio.** The
   sampler's own work is ~0.1 ms per NFE (row "machinery alone"), and a forward inside any
-  `fori_loop` costs ~0.90-0.95 of a standalone call on 1 device (the standalone call pays
-  ~1-2 ms of dispatch and argument handling for ~300 parameter buffers). Profiled op by op,
+  `fori_loop` costs ~0.90-0.95 of a standalone call on 1 device (dispatching a standalone
+  call with all 288 parameter buffers costs only ~0.3 ms, ~1%). Profiled op by op,
   every layer costs the same inside the PC loop as in the standalone forward; the
   parameter-only work (Winograd kernel transforms) XLA already hoists out of the loop.
   Tried and not kept: (1) one score call site per iteration instead of two: same ratio;

@@ -45,10 +45,10 @@ off (it applies to functions traced after the change). Elsewhere forward values 
 convolution, unchanged, except 1x1 / stride-1 / unpadded layers, which on CPU are matrix
 products over the channels in all three roles (forward, input gradient, kernel gradient:
 XLA ran the latter as a convolution with an image-sized window at ~20 GFLOP/s). On CPU the
-gradients cost what XLA's own gradient costs outside
-loops, and the same inside. Second-order terms of strided convs run dilated-kernel
-convolutions (still canonical); feature-grouped ones (vmap with batched kernels) are left
-to XLA's grouped convolution, whose CPU speed was not measured here.
+gradients cost what XLA's own gradient costs outside loops, and the same inside.
+Second-order terms of strided convs run dilated-kernel convolutions (still canonical);
+feature-grouped ones (vmap with batched kernels) are left to XLA's grouped convolution,
+whose CPU speed was not measured here.
 """
 
 from __future__ import annotations
