@@ -171,8 +171,11 @@ def run(args) -> tuple[str, list[list[str]]]:
       ratios.append(elapsed / count / units[-1])
       before = after
     median = lambda values: float(np.median(values))
+    ratio = f'{median(ratios):.2f}'
+    if len(ratios) > 1:
+      ratio += f' ({min(ratios):.2f}-{max(ratios):.2f})'
     rows.append([case, f'{count}', f'{1e3 * median(seconds):.0f}', f'{1e3 * median(units):.1f}',
-                 f'{median(ratios):.2f}', notes(out) if callable(notes) else notes])
+                 ratio, notes(out) if callable(notes) else notes])
     return out
 
   loop_steps = 20
@@ -241,33 +244,45 @@ def run(args) -> tuple[str, list[list[str]]]:
 
 CPU_FINDINGS = """Findings (profiles: `jax.profiler` traces summed per XLA op, as
 `scripts/profile_step.py` does, and the compiled HLO):
-- **PC sampler: 0.91-0.93 forwards per NFE on 1 device in the two runs of session 6
-  (0.97-0.98 before), 0.95-0.96 on 2 devices; goal <= 0.88 not met as a ratio.** The
-  sampler's own work is ~0.1 ms per NFE (row "machinery alone"), and a forward inside any
-  `fori_loop` costs ~0.90-0.95 of a standalone call on 1 device (dispatching a standalone
-  call with all 288 parameter buffers costs only ~0.3 ms, ~1%). Profiled op by op,
-  every layer costs the same inside the PC loop as in the standalone forward; the
-  parameter-only work (Winograd kernel transforms) XLA already hoists out of the loop.
-  Tried and not kept: (1) one score call site per iteration instead of two: same ratio;
-  (2) hoisting the time-only part of the network (time embedding, the per-block projections
-  of it: 112 of 1653 top-level ops) out of the loop by splitting the traced score function's
-  jaxpr and evaluating that part for the whole time grid before the loop: samples equal to
-  4e-7, ratio 0.957 -> 0.956 on 1 device and 0.84 -> 0.81 on 2 (interleaved), within the
-  noise; (3) 2 devices (the batch split as `main.py` does on this 2-core machine): short
-  interleaved runs gave 0.81-0.96, these full runs 0.95-0.96, while a bare forward loop on
-  2 devices gave 0.82-0.98; the wall time per NFE is ~30% lower than on 1 device. The
-  machine's speed drifts: the unit forward ranged 17-33 ms within these runs (20 ms in
-  session 5). The reference's 0.88 is relative to its own standalone forward (0.035 s for
-  this network per the issue); in absolute terms its PC sampler spends ~0.88 x 35 = 31 ms
-  per NFE, this one 18-25 ms on 1 device and 13-18 ms on 2.
+- **PC sampler: goal <= 0.88 reached on 2 devices, the way `main.py` samples on this 2-core
+  machine (`distributed.configure_cpu_devices`: one virtual CPU device per core), but at the
+  edge and not in every run; not reached on 1 device.** The ratio moves by up to ~0.1 from
+  one process to the next (the bare forward loop too) and from call to call (the range in
+  brackets), so one run is not the whole story. 2 devices: 0.88, 0.87 and 0.84 in the three
+  runs of session 7 (this table is the last); eight further processes in session 7
+  (`fori_loop` PC sampler, 50 steps, between medians of 20 forwards, 7 rounds each) gave
+  0.78, 0.79, 0.82, 0.83, 0.84, 0.86, 0.88 and 0.93 (median 0.84); two full runs of session
+  6, on a day when the machine was ~25% slower, gave 0.95-0.96. 1 device: 0.91-0.96 in full
+  runs, 0.93-0.97 in interleaved ones. In absolute terms the reference's PC sampler spends
+  ~0.88 x 35 ms = 31 ms per NFE on this network (its forward: 0.035 s per the issue); this
+  one 24 ms on 1 device and 14-16 ms on 2 (18 ms on the slow day).
+- **Why 1 device stays at ~0.93.** The sampler's own work is ~0.1 ms per NFE (row "machinery
+  alone"). Profiled op by op, the forward inside the loop runs the same ~810 XLA ops (median
+  10 us each) at the same cost as a standalone call; what the loop saves is the standalone
+  call's own work: argument handling (~0.3 ms with 288 parameter buffers) and the
+  parameter-only ops that XLA hoists out of the loop (Winograd kernel transforms, broadcast
+  constants), 5-8% in all. On 2 devices a standalone call ends when the slower device ends
+  and pays the dispatch to both; inside the loop the two devices meet once per step (the
+  Langevin norms: one all-reduce, XLA combines both norms), and a bare forward loop runs at
+  0.76-0.94 of a standalone call.
+- **Tried for the 1-device ratio and not kept** (interleaved against the default, all
+  within the noise or slower): one score call site per iteration instead of two; hoisting
+  the time-only part of the network (time embedding and its per-block projections: 112 of
+  1653 top-level ops) out of the loop by splitting the traced score function's jaxpr
+  (samples equal to 4e-7; 0.957 -> 0.956); Winograd on smaller layers inside the loop
+  (0.890 -> 0.902); `fori_loop(unroll=2)` (0.906 -> 0.922); XLA:CPU options:
+  `--xla_cpu_use_onednn=true` (0.939 -> 0.926), the concurrency-optimized scheduler
+  (0.96), YNNPACK fusions of dots and convolutions only (0.93) or with elementwise and reduce
+  ops (1.01), no YNNPACK fusions (0.86, but only because the forward slows from 24 to 34 ms);
+  parameters as compile-time constants (forward and sampler both ~3% faster, 0.94).
 - **ODE: `method='rk45'`** (in-graph Dormand-Prince with scipy's exact step control:
   Hairer initial step, RMS norm of `err / (atol + rtol max(|y|, |y_new|))`, `0.9 err^-1/5`
   clipped to [0.2, 10], no growth after a rejection) takes **the same NFE as scipy RK45**
-  (50 = 50; `tests/test_ode.py` checks equality at several tolerances) at 0.87-0.95 forwards
+  (50 = 50; `tests/test_ode.py` checks equality at several tolerances) at 0.85-0.95 forwards
   per NFE: goal (<= 1.0, no more NFE) met. diffrax Tsit5 needs more NFE (its error
   estimator differs); diffrax Dopri5 is within ~10% of scipy.
-- **Likelihood: 1.6-1.95 forwards per NFE with the JVP, 1.65-2.0 with the VJP** (drift and
-  Hutchinson product from one `jax.jvp` / `jax.vjp`), against ~3.1-3.4 for the reference's way
+- **Likelihood: 1.55-1.95 forwards per NFE with the JVP, 1.65-2.1 with the VJP** (drift and
+  Hutchinson product from one `jax.jvp` / `jax.vjp`), against ~2.6-3.5 for the reference's way
   (drift, then the drift again inside a gradient) measured here: goal <= 2.0 met, bits/dim
   equal to the host scipy loop to 1e-4 at the same NFE (176). Both modes are fast inside
   the solver loop because every convolution, gradient ones included, is in XLA:CPU's
@@ -368,7 +383,8 @@ def main():
       '',
       '"forwards / NFE" is wall time per score evaluation divided by one jitted forward on the '
       'same devices, per timed call (the median of 9 forwards right before and of 9 right '
-      'after that call, averaged; the row shows the medians over its calls); '
+      'after that call, averaged; the row shows the medians over its calls, and the range of '
+      'the ratio over them in brackets); '
       'NFE counts every evaluation of the score (in-graph: exact, `scorejax.ode`; scipy: '
       '`nfev`).',
       '',
