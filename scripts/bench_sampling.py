@@ -257,14 +257,15 @@ CPU_FINDINGS = """Findings (profiles: `jax.profiler` traces summed per XLA op, a
   ~0.88 x 35 ms = 31 ms per NFE on this network (its forward: 0.035 s per the issue); this
   one 24 ms on 1 device and 14-16 ms on 2 (18 ms on the slow day).
 - **Why 1 device stays at ~0.93.** The sampler's own work is ~0.1 ms per NFE (row "machinery
-  alone"). Profiled op by op, the forward inside the loop runs the same ~810 XLA ops (median
-  10 us each) at the same cost as a standalone call; what the loop saves is the standalone
-  call's own work: argument handling (~0.3 ms with 288 parameter buffers) and the
-  parameter-only ops that XLA hoists out of the loop (Winograd kernel transforms, broadcast
-  constants), 5-8% in all. On 2 devices a standalone call ends when the slower device ends
-  and pays the dispatch to both; inside the loop the two devices meet once per step (the
-  Langevin norms: one all-reduce, XLA combines both norms), and a bare forward loop runs at
-  0.76-0.94 of a standalone call.
+  alone"). Profiled op by op and matched by layer, the forward inside the loop runs the same
+  ~810 XLA ops (median 10 us each) at the same cost as a standalone call, except at the start
+  of a standalone call: there the parameter-only ops that XLA hoists out of the loop (Winograd
+  kernel transforms, broadcast constants) run alongside the first layers on the 2 cores (the
+  first convolution: 1.76 ms there, 0.26 ms in the loop). That and argument handling (~0.3 ms
+  with 288 parameter buffers) are all a loop saves: 5-8% of a forward. On 2 devices a
+  standalone call ends when the slower device ends and pays the dispatch to both; inside the
+  loop the two devices meet once per step (the Langevin norms: one all-reduce, XLA combines
+  both norms), and a bare forward loop runs at 0.68-0.95 of a standalone call.
 - **Tried for the 1-device ratio and not kept** (interleaved against the default, all
   within the noise or slower): one score call site per iteration instead of two; hoisting
   the time-only part of the network (time embedding and its per-block projections: 112 of
