@@ -22,9 +22,14 @@ The network is the small DDPM++ of `tests/data/ddpmpp_small_config.json` (16x16x
 VP SDE) built by `scorejax.models.make_model`, with every parameter perturbed by N(0, 0.02^2)
 so that the zero-initialised layers do not make the score trivial.
 
+The ratio of a row moves by up to ~0.1 from one process to the next on a 2-core machine:
+`--processes N` runs each device count N times and pools the calls; `--cases REGEX` times
+only the matching rows (a quick re-measurement, not written to the docs).
+
 Usage:
   python scripts/bench_sampling.py [--batch_size 8] [--pc_steps 100] [--rtol 1e-4]
-    [--atol 1e-4] [--devices 1,2] [--no_write] [--doc docs/benchmarks.md] [--tag cpu]
+    [--atol 1e-4] [--devices 1,2] [--processes 1] [--cases REGEX] [--no_write]
+    [--doc docs/benchmarks.md] [--tag cpu]
 """
 
 import argparse
@@ -133,7 +138,7 @@ def _scipy_log_likelihood(builder, variables, sde, x, noise, rtol, atol, eps, ro
   return elapsed, solution.nfev, logp
 
 
-def run(args) -> tuple[str, list[list[str]]]:
+def run(args) -> tuple[str, list[dict]]:
   """Times every case; each row's unit is a forward timed right before and after it.
 
   The machine is shared and its load swings within seconds, so one forward timed at the start
@@ -156,10 +161,15 @@ def run(args) -> tuple[str, list[list[str]]]:
   unit_fn = lambda: float(np.median([timed_forward()[0] for _ in range(9)]))
   rows = _Rows()
 
-  def add(case, nfe, timed_fn, notes='', repeats=1):
-    """Alternates `repeats` calls of `timed_fn() -> (seconds, out)` with forward timings and
-    adds the row: each call's ratio divides by the forward timed right before and after it
-    (the load swings within seconds); wall time, forward and ratio are medians."""
+  def add(case, nfe, fn, notes='', repeats=1, timed=False):
+    """Alternates `repeats` timed calls of `fn` with forward timings and adds the row: each
+    call's ratio divides by the forward timed right before and after it (the load swings
+    within seconds). `fn() -> out` is compiled by a first call and then timed call by call;
+    with `timed`, `fn() -> (seconds, out)` times itself (the host scipy loops). A row that
+    `--cases` does not match is skipped before anything compiles (returns None)."""
+    if args.cases and not re.search(args.cases, case):
+      return None
+    timed_fn = fn if timed else _compiled(fn)
     seconds, units, ratios = [], [], []
     before = unit_fn()
     for _ in range(repeats):
@@ -170,44 +180,40 @@ def run(args) -> tuple[str, list[list[str]]]:
       units.append(0.5 * (before + after))
       ratios.append(elapsed / count / units[-1])
       before = after
-    median = lambda values: float(np.median(values))
-    ratio = f'{median(ratios):.2f}'
-    if len(ratios) > 1:
-      ratio += f' ({min(ratios):.2f}-{max(ratios):.2f})'
-    rows.append([case, f'{count}', f'{1e3 * median(seconds):.0f}', f'{1e3 * median(units):.1f}',
-                 ratio, notes(out) if callable(notes) else notes])
+    rows.append(dict(case=case, nfe=count, seconds=seconds, units=units, ratios=ratios,
+                     notes=notes(out) if callable(notes) else notes))
     return out
 
   loop_steps = 20
   loop = jax.jit(lambda v, x: jax.lax.fori_loop(
       0, loop_steps, lambda i, y: y - 1e-3 * builder(v)(y, t), x))
   add(f'the forward inside a `fori_loop` ({loop_steps} iterations)', loop_steps,
-      _compiled(lambda: loop(variables, x)), 'floor of any in-graph loop', args.repeats)
+      lambda: loop(variables, x), 'floor of any in-graph loop', args.repeats)
   tol = dict(rtol=args.rtol, atol=args.atol)
 
   pc_fn = sampling.make_pc_sampler(builder, sde, shape, n_steps=args.pc_steps)
-  pc_nfe = pc_fn(key, variables)[1]
+  pc_nfe = sampling.pc_nfe('reverse_diffusion', 'langevin', 1, args.pc_steps)  # the defaults
   add(f'PC sampler (reverse diffusion + Langevin, {args.pc_steps} steps)', pc_nfe,
-      _compiled(lambda: pc_fn(key, variables)[0]), 'goal <= 0.88', args.repeats)
+      lambda: pc_fn(key, variables)[0], 'goal <= 0.88', args.repeats)
   # The sampler's own work per NFE (noise, norms, updates), with a free score `-x`.
   bare_fn = sampling.make_pc_sampler(
       distributed.batch_sharded_score_builder(lambda v: lambda x, t: -x, mesh), sde, shape,
       n_steps=args.pc_steps)
   add('PC sampler machinery alone (score = -x)', pc_nfe,
-      _compiled(lambda: bare_fn(key, variables)[0]), 'sampler overhead per NFE', args.repeats)
+      lambda: bare_fn(key, variables)[0], 'sampler overhead per NFE', args.repeats)
 
   x_prior = sde.prior_sampling(jax.random.key(1), shape)
   for method in ['rk45', 'tsit5']:
     ode_fn = sampling.make_ode_sampler(builder, sde, shape, method=method, **tol)
     note = 'scipy RK45 controller, in-graph' if method == 'rk45' else 'diffrax'
     add(f'ODE sampler, in-graph `{method}`', lambda out: int(out[1]),
-        _compiled(lambda f=ode_fn: f(jax.random.key(1), variables)), note + '; goal <= 1.0',
+        lambda f=ode_fn: f(jax.random.key(1), variables), note + '; goal <= 1.0',
         args.repeats)
   add('ODE sampler, host scipy RK45 (reference way)', lambda out: out[0],
       lambda: (lambda r: (r[0], r[1:]))(
           _scipy_ode_sample(builder, variables, sde, x_prior, eps=1e-3, rows=rows_sharding,
                             **tol)),
-      'reference: 1.03')
+      'reference: 1.03', timed=True)
 
   pixels = jax.random.randint(jax.random.key(2), shape, 0, 256) / 255.0
   data = 2.0 * (255.0 * pixels + jax.random.uniform(jax.random.key(3), shape)) / 256.0 - 1.0
@@ -221,15 +227,18 @@ def run(args) -> tuple[str, list[list[str]]]:
     lik_fn = jax.jit(lambda key, v, data, p=product: likelihood.log_likelihood(
         key, builder(v), sde, data, jacobian_product=p, method='rk45', **tol))
     goal = '; goal <= 2.0' if product == 'jvp' else ''
-    logp, _, _ = add(
+    out = add(
         f'likelihood, in-graph `rk45`, Rademacher ({product.upper()} with the drift)',
         lambda out: int(out[2]),
-        _compiled(lambda f=lik_fn: f(lik_key, variables, data)),
+        lambda f=lik_fn: f(lik_key, variables, data),
         lambda out, g=goal: f'{to_bpd(out[0]):.4f} bpd{g}', repeats)
-    bpds[product] = to_bpd(logp)
+    if out is not None:
+      bpds[product] = to_bpd(out[0])
 
   def reference_notes(out):
     bpd = to_bpd(out[1])
+    if not bpds:
+      return f'{bpd:.4f} bpd; reference: 3.0'
     diff = max(abs(b - bpd) for b in bpds.values())
     return f'{bpd:.4f} bpd (max abs diff to in-graph {diff:.4f}); reference: 3.0'
 
@@ -238,24 +247,27 @@ def run(args) -> tuple[str, list[list[str]]]:
       lambda: (lambda r: (r[0], r[1:]))(
           _scipy_log_likelihood(builder, variables, sde, np.asarray(data), noise, eps=1e-5,
                                 rows=rows_sharding, **tol)),
-      reference_notes)
+      reference_notes, timed=True)
   return network, rows
 
 
-CPU_FINDINGS = """Findings (profiles: `jax.profiler` traces summed per XLA op, as
+CPU_FINDINGS = r"""Findings (profiles: `jax.profiler` traces summed per XLA op, as
 `scripts/profile_step.py` does, and the compiled HLO):
 - **PC sampler: goal <= 0.88 reached on 2 devices, the way `main.py` samples on this 2-core
-  machine (`distributed.configure_cpu_devices`: one virtual CPU device per core), but at the
-  edge and not in every run; not reached on 1 device.** The ratio moves by up to ~0.1 from
-  one process to the next (the bare forward loop too) and from call to call (the range in
-  brackets), so one run is not the whole story. 2 devices: 0.88, 0.87 and 0.84 in the three
-  runs of session 7 (this table is the last); eight further processes in session 7
-  (`fori_loop` PC sampler, 50 steps, between medians of 20 forwards, 7 rounds each) gave
-  0.78, 0.79, 0.82, 0.83, 0.84, 0.86, 0.88 and 0.93 (median 0.84); two full runs of session
-  6, on a day when the machine was ~25% slower, gave 0.95-0.96. 1 device: 0.91-0.96 in full
+  machine (`distributed.configure_cpu_devices`: one virtual CPU device per core), in all four
+  bench measurements of session 7 (0.79-0.88) but not in session 6's two (0.95-0.96); not
+  reached on 1 device.** The ratio moves by up to ~0.1 from one process to the next (the
+  bare forward loop too) and from call to call (the range in brackets), so one run is not
+  the whole story. 2 devices: 0.88, 0.87 and 0.84 in the three runs of session 7 (this
+  table is the last); `--processes 4 --cases 'PC sampler \('` (four processes per device
+  count, 5 calls each, pooled; the machine ~30% slower than for this table) gave 0.79 (calls
+  0.69-0.97; per process 0.78, 0.78, 0.79, 0.82) on 2 devices and 0.94 (0.84-1.08) on 1;
+  eight short interleaved processes (`fori_loop` PC sampler, 50 steps, between medians of 20
+  forwards, 7 rounds each) gave 0.78-0.93 on 2 devices (median 0.84); session 6's two full
+  runs, on a day when the machine was slower, gave 0.95-0.96. 1 device: 0.91-0.96 in full
   runs, 0.93-0.97 in interleaved ones. In absolute terms the reference's PC sampler spends
   ~0.88 x 35 ms = 31 ms per NFE on this network (its forward: 0.035 s per the issue); this
-  one 24 ms on 1 device and 14-16 ms on 2 (18 ms on the slow day).
+  one 24 ms on 1 device and 14-16 ms on 2 (18 ms on session 6's slow day).
 - **Why 1 device stays at ~0.93.** The sampler's own work is ~0.1 ms per NFE (row "machinery
   alone"). Profiled op by op and matched by layer, the forward inside the loop runs the same
   ~810 XLA ops (median 10 us each) at the same cost as a standalone call, except at the start
@@ -297,11 +309,26 @@ GPU_FINDINGS = """Findings: none recorded for this machine yet; the table is thi
 
 FINDINGS = {'cpu': CPU_FINDINGS, 'gpu': GPU_FINDINGS}
 
+
+def _cells(rows: list[dict]) -> list[str]:
+  """Table cells of one case from one or more processes' rows of it (their calls pooled):
+  NFE, wall ms, forward ms and forwards / NFE (medians; the ratio's range over the calls in
+  brackets), notes (the first process's)."""
+  pooled = lambda key: [value for row in rows for value in row[key]]
+  median = lambda key: float(np.median(pooled(key)))
+  ratios = pooled('ratios')
+  ratio = f'{median("ratios"):.2f}'
+  if len(ratios) > 1:
+    ratio += f' ({min(ratios):.2f}-{max(ratios):.2f})'
+  return [f'{rows[0]["nfe"]}', f'{1e3 * median("seconds"):.0f}', f'{1e3 * median("units"):.1f}',
+          ratio, rows[0]['notes']]
+
+
 class _Rows(list):
-  """A list of table rows that prints each row as it is added (runs take minutes)."""
+  """A list of row records (dicts) that prints each row as it is added (runs take minutes)."""
 
   def append(self, row):
-    print(' | '.join(row), flush=True)
+    print(' | '.join([row['case']] + _cells([row])), flush=True)
     super().append(row)
 
 
@@ -328,6 +355,12 @@ def main():
   parser.add_argument('--devices', default='1,2',
                       help='virtual CPU device counts, one process each (the batch is split '
                       'over the devices, as main.py does); an accelerator runs once on its own')
+  parser.add_argument('--processes', type=int, default=1,
+                      help='processes per device count; each row pools the calls of all '
+                      '(the ratio moves from one process to the next)')
+  parser.add_argument('--cases', default=None,
+                      help='time only the rows whose case matches this regular expression, '
+                      "e.g. 'PC sampler \\(' (implies --no_write)")
   parser.add_argument('--no_write', action='store_true')
   parser.add_argument('--doc', default=str(_ROOT / 'docs' / 'benchmarks.md'),
                       help='the Markdown file whose section this run replaces')
@@ -342,27 +375,36 @@ def main():
     return
   load_before = os.getloadavg()
   start = time.perf_counter()
-  records = []
+  records = []  # one list of process records per device count
   with tempfile.TemporaryDirectory() as tmp:
     for count in [int(d) for d in args.devices.split(',')]:
-      out = pathlib.Path(tmp) / f'{count}.json'
-      subprocess.run([sys.executable, __file__, *sys.argv[1:], '--child', str(count),
-                      '--rows_out', str(out)], check=True)
-      records.append(json.loads(out.read_text()))
-      if records[-1]['platform'] != 'cpu':
+      records.append([])
+      for process in range(args.processes):
+        out = pathlib.Path(tmp) / f'{count}_{process}.json'
+        subprocess.run([sys.executable, __file__, *sys.argv[1:], '--child', str(count),
+                        '--rows_out', str(out)], check=True)
+        records[-1].append(json.loads(out.read_text()))
+      if records[-1][0]['platform'] != 'cpu':
         break  # an accelerator: the CPU device count would change nothing
   total_s = time.perf_counter() - start
   load_after = os.getloadavg()
-  first = records[0]
+  first = records[0][0]
   tag = args.tag or first['platform']
-  # Rows of one case side by side, one per device count.
-  table = [row[:1] + [str(r['devices'])] + row[1:] for i, row in enumerate(first['rows'])
-           for r in records for row in [r['rows'][i]]]
-  counts = ', '.join(str(r['devices']) for r in records)
+  # Rows of one case side by side, one per device count, each pooling its processes' calls.
+  table = [[row['case'], str(runs[0]['devices'])] + _cells([r['rows'][i] for r in runs])
+           for i, row in enumerate(first['rows']) for runs in records]
+  counts = ', '.join(str(runs[0]['devices']) for runs in records)
   command = ('python scripts/bench_sampling.py '
              f'--batch_size {args.batch_size} --image_size {args.image_size} '
              f'--pc_steps {args.pc_steps} --rtol {args.rtol:g} --atol {args.atol:g} '
              f'--repeats {args.repeats} --devices {args.devices}')
+  if args.processes > 1:
+    command += f' --processes {args.processes}'
+  if args.cases:
+    command += f" --cases '{args.cases}'"
+  processes_each = 'one process' if args.processes == 1 else f'{args.processes} processes'
+  processes = ('' if args.processes == 1 else
+               f' in each of {args.processes} processes per device count, pooled')
   begin, end = f'<!-- bench_sampling:{tag}:begin -->', f'<!-- bench_sampling:{tag}:end -->'
   platform_name = first['platform'].upper()
   title = '' if tag == 'cpu' else f', {platform_name} ({first["device_kind"]})'
@@ -371,12 +413,13 @@ def main():
       f'## Sampling and likelihood{title} (`scripts/bench_sampling.py`)',
       '',
       f'Machine: {platform.machine()}, {os.cpu_count()} CPU cores, JAX {platform_name} '
-      f'devices: {counts} ({first["device_kind"]}; one process each); '
+      f'devices: {counts} ({first["device_kind"]}; {processes_each} each); '
       f'{host_memory.describe()}; '
       'load average (1 min, above ~1 means other jobs were running) '
       f'{load_before[0]:.1f} at the start, {load_after[0]:.1f} at the end; whole run '
       f'{total_s / 60:.1f} min, compilation included. Timings are medians of {args.repeats} '
-      'calls after a compiling call (the VJP likelihood and the scipy rows: one call). '
+      f'calls after a compiling call{processes} (the VJP likelihood and the scipy rows: one '
+      'call each). '
       f'Network: {first["network"]}; VP SDE; batch {args.batch_size} of '
       f'{args.image_size}x{args.image_size}x3, split over the devices as `main.py` does '
       '(`distributed.batch_sharded_score_builder`); '
@@ -395,7 +438,7 @@ def main():
   lines += ['', FINDINGS.get(tag, GPU_FINDINGS).rstrip(), end]
   section = '\n'.join(lines)
   print(section)
-  if args.no_write:
+  if args.no_write or args.cases:
     return
   path = pathlib.Path(args.doc)
   text = path.read_text() if path.exists() else '# scorejax benchmarks\n'
