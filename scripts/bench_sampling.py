@@ -4,10 +4,10 @@ One network, one batch, one run, side by side:
 - `forward`: one jitted score evaluation `score_fn(x, t)`, the unit of the other rows;
 - PC sampler (reverse diffusion + Langevin, one compiled `fori_loop`): wall time per NFE in
   forwards;
-- probability-flow ODE sampling: in-graph Tsit5 / Dopri5 (`scorejax.sampling.ode_sample`)
-  against the reference's way, `scipy.integrate.solve_ivp(method='RK45')` on the host
-  calling a jitted drift, at the same `rtol` / `atol` from the same prior sample: NFE and
-  wall time per NFE in forwards;
+- probability-flow ODE sampling: in-graph `rk45` (scipy's step control) and Tsit5
+  (`scorejax.sampling.ode_sample`) against the reference's way,
+  `scipy.integrate.solve_ivp(method='RK45')` on the host calling a jitted drift, at the same
+  `rtol` / `atol` from the same prior sample: NFE and wall time per NFE in forwards;
 - likelihood (`scorejax.likelihood.log_likelihood`, Rademacher, one JVP or one VJP carrying
   the drift per NFE) against the reference's host loop (RK45; jitted drift, then the drift
   again inside a jitted gradient for the divergence), same data, same Hutchinson noise: NFE,
@@ -27,8 +27,8 @@ The ratio of a row moves by up to ~0.1 from one process to the next on a 2-core 
 only the matching rows (a quick re-measurement, not written to the docs).
 
 Usage:
-  python scripts/bench_sampling.py [--batch_size 8] [--pc_steps 100] [--rtol 1e-4]
-    [--atol 1e-4] [--devices 1,2] [--processes 1] [--cases REGEX] [--no_write]
+  python scripts/bench_sampling.py [--batch_size 8] [--pc_steps 50] [--rtol 1e-3]
+    [--atol 1e-3] [--devices 1,2] [--processes 1] [--cases REGEX] [--no_write]
     [--doc docs/benchmarks.md] [--tag cpu]
 """
 
@@ -192,15 +192,14 @@ def run(args) -> tuple[str, list[dict]]:
   tol = dict(rtol=args.rtol, atol=args.atol)
 
   pc_fn = sampling.make_pc_sampler(builder, sde, shape, n_steps=args.pc_steps)
-  pc_nfe = sampling.pc_nfe('reverse_diffusion', 'langevin', 1, args.pc_steps)  # the defaults
-  add(f'PC sampler (reverse diffusion + Langevin, {args.pc_steps} steps)', pc_nfe,
-      lambda: pc_fn(key, variables)[0], 'goal <= 0.88', args.repeats)
+  add(f'PC sampler (reverse diffusion + Langevin, {args.pc_steps} steps)', lambda out: out[1],
+      lambda: pc_fn(key, variables), 'goal <= 0.88', args.repeats)
   # The sampler's own work per NFE (noise, norms, updates), with a free score `-x`.
   bare_fn = sampling.make_pc_sampler(
       distributed.batch_sharded_score_builder(lambda v: lambda x, t: -x, mesh), sde, shape,
       n_steps=args.pc_steps)
-  add('PC sampler machinery alone (score = -x)', pc_nfe,
-      lambda: bare_fn(key, variables)[0], 'sampler overhead per NFE', args.repeats)
+  add('PC sampler machinery alone (score = -x)', lambda out: out[1],
+      lambda: bare_fn(key, variables), 'sampler overhead per NFE', args.repeats)
 
   x_prior = sde.prior_sampling(jax.random.key(1), shape)
   for method in ['rk45', 'tsit5']:
@@ -353,8 +352,9 @@ def main():
   parser.add_argument('--atol', type=float, default=1e-3)
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--devices', default='1,2',
-                      help='virtual CPU device counts, one process each (the batch is split '
-                      'over the devices, as main.py does); an accelerator runs once on its own')
+                      help='virtual CPU device counts, each in --processes processes of its own '
+                      '(the batch is split over the devices, as main.py does); an accelerator '
+                      'runs once')
   parser.add_argument('--processes', type=int, default=1,
                       help='processes per device count; each row pools the calls of all '
                       '(the ratio moves from one process to the next)')
@@ -403,8 +403,6 @@ def main():
   if args.cases:
     command += f" --cases '{args.cases}'"
   processes_each = 'one process' if args.processes == 1 else f'{args.processes} processes'
-  processes = ('' if args.processes == 1 else
-               f' in each of {args.processes} processes per device count, pooled')
   begin, end = f'<!-- bench_sampling:{tag}:begin -->', f'<!-- bench_sampling:{tag}:end -->'
   platform_name = first['platform'].upper()
   title = '' if tag == 'cpu' else f', {platform_name} ({first["device_kind"]})'
@@ -418,8 +416,8 @@ def main():
       'load average (1 min, above ~1 means other jobs were running) '
       f'{load_before[0]:.1f} at the start, {load_after[0]:.1f} at the end; whole run '
       f'{total_s / 60:.1f} min, compilation included. Timings are medians of {args.repeats} '
-      f'calls after a compiling call{processes} (the VJP likelihood and the scipy rows: one '
-      'call each). '
+      f'calls after a compiling call{", per process, pooled" if args.processes > 1 else ""} '
+      '(the VJP likelihood and the scipy rows: one call each). '
       f'Network: {first["network"]}; VP SDE; batch {args.batch_size} of '
       f'{args.image_size}x{args.image_size}x3, split over the devices as `main.py` does '
       '(`distributed.batch_sharded_score_builder`); '
