@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from scorejax import checks
 from scorejax import ode as ode_lib
 from scorejax import sde as sde_lib
 
@@ -164,15 +165,17 @@ def log_likelihood(
     network, primal included, for the Hutchinson estimators).
 
   Raises:
-    ValueError: for an unknown estimator, Jacobian product or method, listing the valid ones.
+    ValueError: for an unknown estimator, Jacobian product or method (listing the valid ones),
+      `eps` outside `(0, T)`, or bad solver arguments (`scorejax.ode.check_solver_arguments`).
   """
   if estimator not in ESTIMATORS:
     raise ValueError(f'unknown estimator {estimator!r}; valid choices: {list(ESTIMATORS)}')
   if jacobian_product not in JACOBIAN_PRODUCTS:
     raise ValueError(f'unknown jacobian_product {jacobian_product!r}; valid choices: '
                      f'{list(JACOBIAN_PRODUCTS)}')
-  ode_lib.get_ode_method(method)
   n_steps = sde.N if n_steps is None else n_steps
+  ode_lib.check_solver_arguments(method, rtol=rtol, atol=atol, n_steps=n_steps)
+  checks.check_time('eps', eps, sde.T)
   return _log_likelihood(key, score_fn, sde, jnp.asarray(x), estimator, rtol, atol, eps,
                          method, n_steps, jacobian_product)
 
@@ -225,8 +228,9 @@ def bits_per_dim(
     of ODE evaluations over the repeats.
 
   Raises:
-    ValueError: for an unknown estimator or method.
+    ValueError: for `num_repeats < 1` and the arguments `log_likelihood` rejects.
   """
+  checks.check_count('num_repeats', num_repeats)
   x = jnp.asarray(x, jnp.float32)
   dim = int(np.prod(x.shape[1:]))
   offset = 7.0 if centered else 8.0

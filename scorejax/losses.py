@@ -33,6 +33,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from scorejax import checks
 from scorejax import sde as sde_lib
 from scorejax.models import make_score_fn
 
@@ -393,10 +394,13 @@ def make_loss_fn(
     `loss_fn(params, key, batch [B, ...] or {'image': [B, ...]}) -> (loss, metrics)`.
 
   Raises:
-    ValueError: for discrete training with an SDE other than VESDE / VPSDE, or
-      likelihood weighting with discrete training.
+    ValueError: for discrete training with an SDE other than VESDE / VPSDE (or a VP grid too
+      coarse for the DDPM tables), likelihood weighting with discrete training, or an `eps`
+      outside `(0, T)`.
   """
-  if not continuous:
+  if continuous:
+    checks.check_time('eps', eps, sde.T)
+  else:
     if likelihood_weighting:
       raise ValueError('training.likelihood_weighting requires training.continuous=True')
     if not isinstance(sde, sde_lib.VESDE | sde_lib.VPSDE):
@@ -404,6 +408,8 @@ def make_loss_fn(
           f'discrete training (training.continuous=False) is not supported for '
           f'training.sde={type(sde).__name__}; valid choices: [VESDE (smld), VPSDE (ddpm)] '
           'or training.continuous=True')
+    if isinstance(sde, sde_lib.VPSDE):
+      sde.discrete_betas  # noqa: B018 - raises now if the grid is too coarse for the tables
 
   def loss_fn(params: Params, key: PRNGKey, batch: Array | Mapping[str, Array]):
     if isinstance(batch, Mapping):

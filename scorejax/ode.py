@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from scorejax import checks
+
 Array = jax.Array
 PyTree = Any
 VectorField = Callable[[Array, PyTree], PyTree]
@@ -73,6 +75,23 @@ def get_ode_method(method: str) -> _Adaptive | _Fixed | _ScipyRK45:
   if method not in ODE_METHODS:
     raise ValueError(f'unknown ODE method {method!r}; valid choices: {sorted(ODE_METHODS)}')
   return ODE_METHODS[method]
+
+
+def check_solver_arguments(method: str, *, rtol: float, atol: float, n_steps: int,
+                           max_steps: int = 16384) -> None:
+  """Checks `solve_ode`'s arguments before anything is traced.
+
+  Raises:
+    ValueError: for an unknown method (listing the valid ones); for the fixed-step methods, an
+      `n_steps` below 1; for the adaptive ones, negative tolerances or both 0, or a
+      `max_steps` below 1.
+  """
+  spec = get_ode_method(method)
+  if isinstance(spec, _Fixed):
+    checks.check_count('n_steps', n_steps)
+  else:
+    checks.check_tolerances(rtol, atol)
+    checks.check_count('max_steps', max_steps)
 
 
 def _fixed_step_solve(vector_field, y0, t0, t1, n_steps, heun):
@@ -242,14 +261,16 @@ def solve_ode(
     rtol: relative tolerance of the adaptive solvers.
     atol: absolute tolerance of the adaptive solvers.
     n_steps: number of steps of the fixed-step methods.
-    max_steps: step budget of the adaptive solvers (an error is raised past it).
+    max_steps: step budget of the adaptive solvers: a solve that needs more step attempts
+      returns a NaN state (every method, so that a run inside `jit` never stops on an error).
 
   Returns:
     `(y1, nfe)`: the state at `t1` and the number of vector-field evaluations (int32 scalar).
 
   Raises:
-    ValueError: for an unknown `method`.
+    ValueError: for bad arguments (`check_solver_arguments`).
   """
+  check_solver_arguments(method, rtol=rtol, atol=atol, n_steps=n_steps, max_steps=max_steps)
   spec = get_ode_method(method)
   if isinstance(spec, _ScipyRK45):
     return rk45_solve(vector_field, y0, t0, t1, rtol=rtol, atol=atol, max_steps=max_steps)
@@ -266,7 +287,9 @@ def solve_ode(
       stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
       saveat=diffrax.SaveAt(t1=True),
       max_steps=max_steps,
+      throw=False,
   )
-  y1 = jax.tree.map(lambda y: y[-1], solution.ys)
+  solved = solution.result == diffrax.RESULTS.successful
+  y1 = jax.tree.map(lambda y: jnp.where(solved, y[-1], jnp.nan), solution.ys)
   nfe = spec.init_evals + spec.evals_per_step * solution.stats['num_steps']
   return y1, jnp.asarray(nfe, jnp.int32)

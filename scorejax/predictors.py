@@ -102,7 +102,7 @@ def ancestral_sampling_update(
     std = jnp.sqrt(adjacent_sigma**2 * (sigma**2 - adjacent_sigma**2) / sigma**2)
     return x_mean + batch_mul(std, noise), x_mean
   if isinstance(sde, sde_lib.VPSDE):
-    beta = jnp.asarray(sde.discrete_betas)[timestep]
+    beta = jnp.asarray(sde_lib.discrete_betas(sde, strict=True))[timestep]
     x_mean = batch_mul(1.0 / jnp.sqrt(1.0 - beta), x + batch_mul(beta, score_fn(x, t)))
     return x_mean + batch_mul(jnp.sqrt(beta), noise), x_mean
   raise ValueError(
@@ -164,8 +164,7 @@ def _langevin_alpha(t: Array, sde: sde_lib.SDE) -> Array:
   it uses the same discrete alphas `1 - beta_i / N`. VE uses alpha = 1.
   """
   if isinstance(sde, (sde_lib.VPSDE, sde_lib.SubVPSDE)):
-    betas = np.linspace(sde.beta_min / sde.N, sde.beta_max / sde.N, sde.N, dtype=np.float32)
-    return jnp.asarray(1.0 - betas)[_timestep(t, sde)]
+    return jnp.asarray(1.0 - sde_lib.discrete_betas(sde))[_timestep(t, sde)]
   return jnp.ones_like(t)
 
 

@@ -151,6 +151,24 @@ def make_sampler(
   raise ValueError(f"unknown sampling.method {s.method!r}; valid choices: ['ode', 'pc']")
 
 
+def check_sampling(config: ConfigDict) -> None:
+  """Fails on `sampling.*` settings the configured sampler rejects, before anything runs.
+
+  Unknown names, numbers out of range, a VP grid too coarse for the tables its steps read:
+  the sampler's own checks, run on a stand-in score (nothing is traced or compiled).
+
+  Raises:
+    ValueError: one line naming the setting (and, from `make_sde`, the SDE's fields).
+  """
+  sde = make_sde(config)
+  stand_in = lambda params: (lambda x, t: -x)
+  try:
+    make_sampler(config, None, sde, (1, 1), builder=stand_in)
+  except ValueError as error:
+    raise ValueError(f'sampling settings (sampling.method={config.sampling.method}): '
+                     f'{error}') from None
+
+
 def sharded_batch_size(batch_size: int, mesh: jax.sharding.Mesh | None = None) -> int:
   """`batch_size` rounded up to a multiple of the mesh's device count."""
   count = (mesh or distributed.make_mesh()).size

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from scorejax import checkpoints, run_common, run_eval_samples, toy_data
+from scorejax import checkpoints, checks, run_common, run_eval_samples, toy_data
 from scorejax import sde as sde_lib
 from scorejax.logging_utils import MetricWriter, read_jsonl
 from scorejax.models import make_model
@@ -197,7 +197,16 @@ def validate(config, workdir: str) -> None:
   Raises:
     FileNotFoundError: a missing checkpoint or metrics file (one line).
     DatasetNotPreparedError: the data is not available locally.
+    ValueError: sampler settings the sampler rejects, or bad `eval.rtol` / `eval.atol`.
   """
+  run_common.make_sde(config)
+  if config.eval.enable_sampling:
+    run_common.check_sampling(config)
+  if config.eval.enable_bpd:
+    try:
+      checks.check_tolerances(config.eval.rtol, config.eval.atol)
+    except ValueError as error:
+      raise ValueError(f'likelihood settings (eval.rtol, eval.atol): {error}') from None
   run_eval_samples.validate(config)
   if config.eval.enable_loss or config.eval.enable_bpd:
     run_common.make_data(config, 'test', config.eval.batch_size, num_epochs=1, shuffle=False)

@@ -36,7 +36,9 @@ def validate(config, workdir: str) -> None:
 
   Raises:
     FileNotFoundError: no such checkpoint (one line naming where it looked).
+    ValueError: sampler settings the sampler rejects (`run_common.check_sampling`).
   """
+  run_common.check_sampling(config)
   checkpoints.find_step_dir(checkpoint_source(config, pathlib.Path(workdir)),
                             config.sampling.checkpoint_step or None)
 

@@ -129,11 +129,18 @@ def validate(config, workdir: str) -> None:
   """Fails before anything is written on bad frequencies or data that is not prepared.
 
   Raises:
-    ValueError: inconsistent frequencies or batch size.
+    ValueError: inconsistent frequencies or batch size, bad SDE or snapshot-sampler settings.
     DatasetNotPreparedError: the data is not available locally (says how to prepare it).
   """
   del workdir
   _check_frequencies(config.training)
+  sde = run_common.make_sde(config)
+  try:  # the objective's own checks; the model is only needed when the loss is called
+    run_common.make_loss_fn(config, None, sde)
+  except ValueError as error:
+    raise ValueError(f'training settings: {error}') from None
+  if config.training.snapshot_sampling:
+    run_common.check_sampling(config)
   distributed.process_batch_slice(config.training.batch_size)
   for split in ('train', 'test'):
     run_common.make_data(config, split, config.training.batch_size)

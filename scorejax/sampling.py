@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from scorejax import checks
 from scorejax import ode as ode_lib
 from scorejax import sde as sde_lib
 from scorejax.ode import ODE_METHODS
@@ -58,9 +60,56 @@ def _with_steps(sde: sde_lib.SDE, n_steps: int | None) -> tuple[sde_lib.SDE, int
   """Rebuilds `sde` with `N = n_steps` so its discrete tables match the sampling grid."""
   if n_steps is None or n_steps == sde.N:
     return sde, sde.N
-  if n_steps < 1:
-    raise ValueError(f'n_steps must be positive, got {n_steps}')
+  checks.check_count('n_steps', n_steps)
   return dataclasses.replace(sde, N=n_steps), n_steps
+
+
+def _keyword_arguments(sampler: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+  """`kwargs` with the defaults of `sampler`'s keyword-only arguments filled in."""
+  options = {name: parameter.default
+             for name, parameter in inspect.signature(sampler).parameters.items()
+             if parameter.kind == inspect.Parameter.KEYWORD_ONLY}
+  unknown = sorted(set(kwargs) - set(options))
+  if unknown:
+    raise TypeError(f'{sampler.__name__} got unknown keyword arguments {unknown}; valid '
+                    f'choices: {sorted(options)}')
+  return {**options, **kwargs}
+
+
+def _check_pc(sde: sde_lib.SDE, *, predictor: str, corrector: str, snr: float,
+              n_corrector_steps: int, n_steps: int | None, eps: float, probability_flow: bool,
+              **_) -> tuple[sde_lib.SDE, int]:
+  """Checks `pc_sample`'s arguments before tracing; returns the SDE on the grid and `N`."""
+  get_predictor(predictor)
+  get_corrector(corrector)
+  checks.check_in_range('snr', snr, low=0.0)
+  checks.check_count('n_corrector_steps', n_corrector_steps, minimum=0)
+  sde, n_steps = _with_steps(sde, n_steps)
+  checks.check_time('eps', eps, sde.T)
+
+  # One step on a 1x1 stand-in, traced only: a discrete table the grid cannot hold (VP betas
+  # with few steps) or a predictor the SDE lacks raises now, not inside the first call.
+  # The predictor goes first so that its errors (the more specific ones) come first.
+  def one_step(x, t):
+    key = jax.random.key(0)
+    score_fn = lambda x, t: -x
+    x, _ = predictor_step(key, x, t, score_fn, sde, predictor=predictor,
+                          probability_flow=probability_flow)
+    return corrector_step(key, x, t, score_fn, sde, corrector=corrector, snr=1.0,
+                          n_steps=n_corrector_steps)
+
+  jax.eval_shape(one_step, jax.ShapeDtypeStruct((1, 1), jnp.float32),
+                 jax.ShapeDtypeStruct((1,), jnp.float32))
+  return sde, n_steps
+
+
+def _check_ode(sde: sde_lib.SDE, *, method: str, rtol: float, atol: float, eps: float,
+               n_steps: int | None, **_) -> int:
+  """Checks `ode_sample`'s arguments before tracing; returns the fixed-step count."""
+  n_steps = sde.N if n_steps is None else n_steps
+  ode_lib.check_solver_arguments(method, rtol=rtol, atol=atol, n_steps=n_steps)
+  checks.check_time('eps', eps, sde.T)
+  return n_steps
 
 
 def pc_nfe(predictor: str, corrector: str, n_corrector_steps: int, n_steps: int) -> int:
@@ -136,12 +185,14 @@ def pc_sample(
     `(samples [B, ...], nfe)`, with `nfe` the number of score evaluations (a Python int).
 
   Raises:
-    ValueError: for an unknown predictor or corrector (listing the valid ones), or an
-      unsupported combination (ancestral sampling on sub-VP).
+    ValueError: for an unknown predictor or corrector (listing the valid ones), an
+      unsupported combination (ancestral sampling on sub-VP), a number out of its range
+      (`snr < 0`, `n_corrector_steps < 0`, `n_steps < 1`, `eps` outside `(0, T)`), or a VP /
+      sub-VP grid too coarse for the DDPM tables a step reads (`sde.discrete_betas`).
   """
-  get_predictor(predictor)
-  get_corrector(corrector)
-  sde, n_steps = _with_steps(sde, n_steps)
+  sde, n_steps = _check_pc(sde, predictor=predictor, corrector=corrector, snr=snr,
+                           n_corrector_steps=n_corrector_steps, n_steps=n_steps, eps=eps,
+                           probability_flow=probability_flow)
   samples = _pc_sample(key, score_fn, sde, tuple(shape), predictor, corrector, snr,
                        n_corrector_steps, denoise, eps, probability_flow)
   return samples, pc_nfe(predictor, corrector, n_corrector_steps, n_steps)
@@ -169,13 +220,12 @@ def make_pc_sampler(
     The sampler; `nfe` is a Python int.
 
   Raises:
-    ValueError: for unknown names (checked now, not at the first call).
+    ValueError: for the arguments `pc_sample` rejects (checked now, not at the first call).
+    TypeError: for a keyword argument `pc_sample` does not take.
   """
-  get_predictor(kwargs.get('predictor', 'reverse_diffusion'))
-  get_corrector(kwargs.get('corrector', 'langevin'))
-  n_steps = kwargs.get('n_steps') or sde.N
-  nfe = pc_nfe(kwargs.get('predictor', 'reverse_diffusion'), kwargs.get('corrector', 'langevin'),
-               kwargs.get('n_corrector_steps', 1), n_steps)
+  options = _keyword_arguments(pc_sample, kwargs)
+  _, n_steps = _check_pc(sde, **options)
+  nfe = pc_nfe(options['predictor'], options['corrector'], options['n_corrector_steps'], n_steps)
 
   @jax.jit
   def sample(key, params):
@@ -242,10 +292,10 @@ def ode_sample(
     evaluations.
 
   Raises:
-    ValueError: for an unknown method, listing the valid ones.
+    ValueError: for an unknown method (listing the valid ones), `eps` outside `(0, T)`, or
+      bad solver arguments (`scorejax.ode.check_solver_arguments`).
   """
-  ode_lib.get_ode_method(method)
-  n_steps = sde.N if n_steps is None else n_steps
+  n_steps = _check_ode(sde, method=method, rtol=rtol, atol=atol, eps=eps, n_steps=n_steps)
   return _ode_sample(key, score_fn, sde, tuple(shape), rtol, atol, eps, method, n_steps,
                      denoise)
 
@@ -259,8 +309,9 @@ def make_ode_sampler(
   """A jitted `sample_fn(key, params) -> (samples, nfe)`; see `make_pc_sampler`.
 
   Raises:
-    ValueError: for an unknown method.
+    ValueError: for the arguments `ode_sample` rejects (checked now).
+    TypeError: for a keyword argument `ode_sample` does not take.
   """
-  ode_lib.get_ode_method(kwargs.get('method', 'tsit5'))
+  _check_ode(sde, **_keyword_arguments(ode_sample, kwargs))
   return jax.jit(lambda key, params: ode_sample(key, score_fn_builder(params), sde, shape,
                                                 **kwargs))

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from scorejax import checks
+
 Array = jax.Array
 ScoreFn = Callable[[Array, Array], Array]
 
@@ -49,6 +51,11 @@ class SDE(abc.ABC):
 
   N: int
   T: float = 1.0
+
+  def _check_grid(self) -> None:
+    name = type(self).__name__
+    checks.check_count(f'{name}.N', self.N)
+    checks.check_in_range(f'{name}.T', self.T, low=0.0, low_open=True)
 
   @abc.abstractmethod
   def sde(self, x: Array, t: Array) -> tuple[Array, Array]:
@@ -135,6 +142,11 @@ class VESDE(SDE):
   N: int = 1000
   T: float = 1.0
 
+  def __post_init__(self):
+    self._check_grid()
+    checks.check_in_range('VESDE.sigma_min', self.sigma_min, low=0.0, low_open=True)
+    checks.check_in_range('VESDE.sigma_max', self.sigma_max, low=self.sigma_min, low_open=True)
+
   @property
   def discrete_sigmas(self) -> np.ndarray:
     """`[N]` geometric noise levels, ascending."""
@@ -178,9 +190,13 @@ class VPSDE(SDE):
   N: int = 1000
   T: float = 1.0
 
+  def __post_init__(self):
+    _check_betas(self)
+
   @property
   def discrete_betas(self) -> np.ndarray:
-    return np.linspace(self.beta_min / self.N, self.beta_max / self.N, self.N, dtype=np.float32)
+    """`[N]` DDPM betas `linspace(beta_min, beta_max, N) / N` (`discrete_betas`)."""
+    return discrete_betas(self)
 
   @property
   def alphas(self) -> np.ndarray:
@@ -243,6 +259,9 @@ class SubVPSDE(SDE):
   N: int = 1000
   T: float = 1.0
 
+  def __post_init__(self):
+    _check_betas(self)
+
   def beta(self, t: Array) -> Array:
     return self.beta_min + t * (self.beta_max - self.beta_min)
 
@@ -263,6 +282,37 @@ class SubVPSDE(SDE):
 
   def prior_logp(self, z):
     return _standard_normal_logp(z)
+
+
+def _check_betas(sde: VPSDE | SubVPSDE) -> None:
+  sde._check_grid()
+  name = type(sde).__name__
+  checks.check_in_range(f'{name}.beta_min', sde.beta_min, low=0.0)
+  checks.check_in_range(f'{name}.beta_max', sde.beta_max, low=0.0, low_open=True)
+
+
+def discrete_betas(sde: VPSDE | SubVPSDE, *, strict: bool = False) -> np.ndarray:
+  """`[N]` betas of the DDPM chain on the grid of `sde`: `linspace(beta_min, beta_max, N) / N`.
+
+  They are the reverse-diffusion, ancestral and Langevin-corrector tables of the VP and sub-VP
+  SDEs. A chain needs every `beta_i <= 1` (`alpha_i = 1 - beta_i` goes under a square root),
+  and `< 1` with `strict` (ancestral sampling divides by `sqrt(alpha_i)`); with few steps
+  (`N` near `beta_max`) that fails, and the sampler would return NaN.
+
+  Raises:
+    ValueError: when a beta is too large, naming N, beta_max and the smallest valid N.
+  """
+  betas = np.linspace(sde.beta_min / sde.N, sde.beta_max / sde.N, sde.N, dtype=np.float32)
+  largest = max(sde.beta_min, sde.beta_max)
+  if largest / sde.N > 1 or (strict and largest / sde.N >= 1):
+    smallest = int(np.floor(largest)) + 1 if strict else int(np.ceil(largest))
+    raise ValueError(
+        f'{type(sde).__name__}(beta_min={sde.beta_min:g}, beta_max={sde.beta_max:g}) on '
+        f'N={sde.N} steps: the discrete '
+        f'betas beta/N reach {largest / sde.N:g} but must stay {"< 1" if strict else "<= 1"}; '
+        f'use N >= {smallest} (n_steps of the sampler; sampling.num_steps or model.num_scales '
+        f'in a config), or predictor=euler_maruyama with corrector=none')
+  return betas
 
 
 SDES: dict[str, type[SDE]] = {'vesde': VESDE, 'vpsde': VPSDE, 'subvpsde': SubVPSDE}

@@ -165,3 +165,22 @@ def test_bits_per_dim_dequantization_protocol():
     expected.append(-np.asarray(logp) / (4 * np.log(2)) + 7)
   np.testing.assert_allclose(bpd, np.mean(expected, axis=0), rtol=1e-6)
   assert int(nfe) == 2 * 2 * sde.N
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(eps=0.0), r'^eps must be in \(0, 1\)'),
+    (dict(eps=1.0), r'^eps must be in \(0, 1\)'),
+    (dict(rtol=0.0, atol=0.0), 'must not both be 0'),
+    (dict(method='euler', n_steps=0), r'^n_steps must be an integer >= 1'),
+])
+def test_bad_numbers_raise_before_tracing(kwargs, message):
+  score_fn = lambda x, t: -x
+  with pytest.raises(ValueError, match=message):
+    likelihood.log_likelihood(jax.random.key(0), score_fn, SDES['vpsde'], jnp.ones((2, 2)),
+                              **kwargs)
+
+
+def test_bits_per_dim_needs_a_repeat():
+  with pytest.raises(ValueError, match=r'^num_repeats must be an integer >= 1'):
+    likelihood.bits_per_dim(jax.random.key(0), lambda x, t: -x, SDES['vpsde'],
+                            jnp.ones((2, 2)), num_repeats=0)

@@ -99,6 +99,46 @@ def test_missing_checkpoint_fails_before_writing(tmp_path):
   assert not workdir.exists()
 
 
+@pytest.mark.parametrize('overrides, expected', [
+    ({'sampling.predictor': 'reverse_diffusion', 'sampling.num_steps': 10}, 'use N >= 20'),
+    ({'sampling.eps': 0.0}, 'eps must be in (0, 1)'),
+    ({'sampling.method': 'ode', 'sampling.rtol': 0.0, 'sampling.atol': 0.0}, 'both be 0'),
+    ({'sampling.n_steps_each': -1, 'sampling.corrector': 'langevin'}, 'n_corrector_steps'),
+])
+@pytest.mark.parametrize('runner', [run_train, run_sample, run_eval])
+def test_every_mode_rejects_bad_sampler_settings_up_front(tmp_path, runner, overrides,
+                                                          expected):
+  # The sampler's own checks run in `validate`, before a model is built or a file written.
+  config = load_config(**overrides, **{'eval.enable_sampling': True})
+  with pytest.raises(ValueError, match=r'^sampling settings \(sampling.method=') as error:
+    runner.validate(config, str(tmp_path))
+  assert expected in str(error.value)
+
+
+def test_bad_sde_and_likelihood_settings_fail_before_writing(tmp_path):
+  workdir = tmp_path / 'run'
+  result = run_main(f'--workdir={workdir}', '--config=configs/smoke.py',
+                    '--config.training.sde=vesde', '--config.model.sigma_min=-1',
+                    check=False, timeout=120)
+  assert result.returncode == 1 and 'Traceback' not in result.stderr
+  assert result.stderr.strip().splitlines()[-1] == \
+      'main.py: error: VESDE.sigma_min must be in (0, inf), got -1.0'
+  assert not workdir.exists()
+  with pytest.raises(ValueError, match=r'^likelihood settings .* rtol must be in'):
+    run_eval.validate(load_config(**{'eval.rtol': -1.0, 'eval.enable_bpd': True}),
+                      str(workdir))
+
+
+@pytest.mark.parametrize('overrides, expected', [
+    ({'training.eps': 0.0}, 'eps must be in (0, 1)'),
+    ({'training.continuous': False, 'model.num_scales': 10}, 'use N >= 20'),
+])
+def test_training_rejects_bad_objective_settings_up_front(tmp_path, overrides, expected):
+  with pytest.raises(ValueError, match=r'^training settings: ') as error:
+    run_train.validate(load_config(**overrides), str(tmp_path))
+  assert expected in str(error.value)
+
+
 def test_default_config_is_the_digits_model():
   config = load_config('default')
   assert config.data.dataset == 'digits' and config.data.image_size == 8

@@ -64,3 +64,26 @@ def test_rk45_nfe_counts_every_evaluation_and_nan_past_max_steps():
                           atol=1e-4, max_steps=3)
   assert int(nfe) == 2 + 6 * 3
   assert np.all(np.isnan(y1))
+
+
+@pytest.mark.parametrize('method', ['tsit5', 'dopri5'])
+def test_diffrax_methods_return_nan_past_max_steps_like_rk45(method):
+  y1, nfe = ode.solve_ode(_field, jnp.asarray(Y0), 0.0, 2.0, method=method, rtol=1e-4,
+                          atol=1e-4)
+  assert np.all(np.isfinite(y1))
+  y1, nfe = jax.jit(lambda y: ode.solve_ode(_field, y, 0.0, 2.0, method=method, rtol=1e-4,
+                                            atol=1e-4, max_steps=3))(jnp.asarray(Y0))
+  assert int(nfe) == 1 + 6 * 3
+  assert np.all(np.isnan(y1))
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(method='rk45', rtol=0.0, atol=0.0), 'must not both be 0'),
+    (dict(method='tsit5', rtol=-1e-3), r'^rtol must be in \[0, inf\)'),
+    (dict(method='dopri5', atol=float('nan')), r'^atol must be in'),
+    (dict(method='rk45', max_steps=0), r'^max_steps must be an integer >= 1'),
+    (dict(method='heun', n_steps=0), r'^n_steps must be an integer >= 1'),
+])
+def test_bad_solver_arguments_raise_one_line_errors(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    ode.solve_ode(_field, jnp.asarray(Y0), 0.0, 1.0, **kwargs)

@@ -300,3 +300,61 @@ def test_pc_sampler_is_deterministic_and_jittable_with_params():
   np.testing.assert_array_equal(a, b)
   assert np.max(np.abs(np.asarray(a) - np.asarray(c))) > 1e-2
   np.testing.assert_allclose(d, a, rtol=1e-5, atol=1e-5)
+
+
+# -- argument checks -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(n_steps=0), r'^n_steps must be an integer >= 1'),
+    (dict(n_corrector_steps=-1), r'^n_corrector_steps must be an integer >= 0'),
+    (dict(snr=-0.16), r'^snr must be in \[0, inf\)'),
+    (dict(eps=0.0), r'^eps must be in \(0, 1\)'),
+    (dict(eps=2.0), r'^eps must be in \(0, 1\)'),
+    # VP tables on 10 steps: beta_max / N = 2, so alpha = 1 - beta < 0 (the sampler would
+    # return NaN); the reverse-diffusion predictor and the Langevin corrector both read them.
+    (dict(n_steps=10), r'on N=10 steps: .* use N >= 20'),
+    (dict(n_steps=10, predictor='euler_maruyama'), r'on N=10 steps: .* use N >= 20'),
+    (dict(n_steps=20, predictor='ancestral_sampling', corrector='none'), r'use N >= 21'),
+])
+def test_pc_arguments_are_checked_before_the_first_call(kwargs, message):
+  score_fn = lambda x, t: -x
+  with pytest.raises(ValueError, match=message):
+    sampling.pc_sample(jax.random.key(0), score_fn, SDES['vpsde'], (2, 2), **kwargs)
+  with pytest.raises(ValueError, match=message):  # at construction, not at the first call
+    sampling.make_pc_sampler(lambda params: score_fn, SDES['vpsde'], (2, 2), **kwargs)
+
+
+def test_few_step_samplers_that_need_no_tables_run():
+  score_fn = lambda x, t: -x
+  x, nfe = sampling.pc_sample(jax.random.key(0), score_fn, SDES['vpsde'], (64, 2), n_steps=5,
+                              predictor='euler_maruyama', corrector='none')
+  assert nfe == 5 and np.all(np.isfinite(x))
+  x, nfe = sampling.pc_sample(jax.random.key(0), score_fn, SDES['vpsde'], (64, 2), n_steps=21,
+                              predictor='ancestral_sampling', corrector='none')
+  assert nfe == 21 and np.all(np.isfinite(x))
+  # N(0, I) data: score -x at every t, so samples stay standard normal.
+  assert abs(float(jnp.std(x)) - 1.0) < 0.3
+
+
+def test_sampler_builders_reject_unknown_keywords_and_bad_numbers():
+  builder = lambda params: (lambda x, t: -x)
+  with pytest.raises(TypeError, match=r"unknown keyword arguments \['nsteps'\]"):
+    sampling.make_pc_sampler(builder, SDES['vpsde'], (2, 2), nsteps=10)
+  with pytest.raises(TypeError, match=r"unknown keyword arguments \['step'\]"):
+    sampling.make_ode_sampler(builder, SDES['vpsde'], (2, 2), step=10)
+  with pytest.raises(ValueError, match='must not both be 0'):
+    sampling.make_ode_sampler(builder, SDES['vpsde'], (2, 2), rtol=0.0, atol=0.0)
+  with pytest.raises(ValueError, match=r'^eps must be in \(0, 1\)'):
+    sampling.ode_sample(jax.random.key(0), lambda x, t: -x, SDES['vpsde'], (2, 2), eps=-1e-3)
+  with pytest.raises(ValueError, match=r'^n_steps must be an integer >= 1'):
+    sampling.ode_sample(jax.random.key(0), lambda x, t: -x, SDES['vpsde'], (2, 2),
+                        method='euler', n_steps=0)
+
+
+def test_traced_numbers_pass_through_unchecked():
+  # Inside a caller's jit, eps is traced: it cannot be checked in Python, and must not fail.
+  sample = jax.jit(lambda eps: sampling.pc_sample(jax.random.key(0), lambda x, t: -x,
+                                                  SDES['vpsde'], (2, 2), n_steps=30,
+                                                  eps=eps)[0])
+  assert np.all(np.isfinite(sample(1e-3)))

@@ -123,3 +123,33 @@ def test_make_sde_rejects_unknown_name():
   with pytest.raises(ValueError, match="valid choices: \\['subvpsde', 'vesde', 'vpsde'\\]"):
     sde_lib.make_sde('edm')
   assert sde_lib.make_sde('VPSDE', num_scales=10).N == 10
+
+
+@pytest.mark.parametrize('build, field', [
+    (lambda: sde_lib.VESDE(sigma_min=0.0), 'VESDE.sigma_min'),
+    (lambda: sde_lib.VESDE(sigma_min=1.0, sigma_max=0.5), 'VESDE.sigma_max'),
+    (lambda: sde_lib.VESDE(N=0), 'VESDE.N'),
+    (lambda: sde_lib.VPSDE(N=2.5), 'VPSDE.N'),
+    (lambda: sde_lib.VPSDE(T=0.0), 'VPSDE.T'),
+    (lambda: sde_lib.VPSDE(beta_min=-0.1), 'VPSDE.beta_min'),
+    (lambda: sde_lib.SubVPSDE(beta_max=0.0), 'SubVPSDE.beta_max'),
+    (lambda: sde_lib.SubVPSDE(beta_min=float('nan')), 'SubVPSDE.beta_min'),
+])
+def test_constructors_reject_out_of_range_fields(build, field):
+  with pytest.raises(ValueError, match=f'^{field} must be'):
+    build()
+
+
+def test_discrete_betas_need_enough_steps():
+  # beta_max / N must stay <= 1 (alpha = 1 - beta under a square root) and < 1 for ancestral
+  # sampling (1 / sqrt(alpha)); the error names the smallest N that works.
+  with pytest.raises(ValueError, match=r'reach 2 but must stay <= 1; use N >= 20'):
+    sde_lib.VPSDE(N=10).discrete_betas  # noqa: B018
+  betas = sde_lib.VPSDE(N=20).discrete_betas
+  assert betas.max() == 1.0 and np.all(np.isfinite(np.sqrt(sde_lib.VPSDE(N=20).alphas)))
+  with pytest.raises(ValueError, match=r'must stay < 1; use N >= 21'):
+    sde_lib.discrete_betas(sde_lib.VPSDE(N=20), strict=True)
+  assert sde_lib.discrete_betas(sde_lib.SubVPSDE(N=21), strict=True).max() < 1
+  # The continuous quantities do not need the tables: a 5-step VP SDE is a valid object.
+  sde = sde_lib.VPSDE(N=5)
+  assert np.isfinite(sde.marginal_prob(jnp.ones((1, 2)), jnp.ones((1,)))[1]).all()
