@@ -27,12 +27,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from scorejax import checks
 from scorejax import sde as sde_lib
 
 Array = jax.Array
 ScoreFn = Callable[[Array, Array], Array]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _check_covariances(covs: Array) -> None:
+  """Raises unless every concrete `covs[k]` is symmetric positive semi-definite.
+
+  Tolerances are float32 ones, relative to the largest entry of each matrix: asymmetry up to
+  1e-5 (it is averaged away) and eigenvalues down to -1e-5 (clipped to 0).
+  """
+  values = checks.concrete_array(covs)
+  if values is None:
+    return
+  values = values.astype(np.float64)
+  for k, cov in enumerate(values):
+    scale = np.abs(cov).max() if np.all(np.isfinite(cov)) else np.nan
+    if not scale >= 0 or np.abs(cov - cov.T).max() > 1e-5 * scale:
+      raise ValueError(f'covs[{k}] must be finite and symmetric, got {cov.tolist()}')
+    smallest = np.linalg.eigvalsh(cov).min()
+    if smallest < -1e-5 * scale:
+      raise ValueError(f'covs[{k}] must be positive semi-definite, got smallest eigenvalue '
+                       f'{smallest:.4g}')
 
 
 def _kernel_coefficients(sde: sde_lib.SDE, t: Array, batch: int) -> tuple[Array, Array]:
@@ -80,19 +101,22 @@ class GaussianMixture:
     Args:
       weights: `[K]` non-negative weights (normalised here).
       means: `[K, D]` or `[K, *event_shape]`.
-      variances: positive variances, same shape as `means` (or broadcastable to it).
+      variances: non-negative variances, same shape as `means` (or broadcastable to it).
       event_shape: the shape of one sample; defaults to `means.shape[1:]`.
 
     Returns:
       The mixture.
 
     Raises:
-      ValueError: if the shapes disagree.
+      ValueError: if the shapes disagree, or for negative weights or variances.
     """
     means_shape = jnp.shape(means)
     weights, means, event_shape = cls._check(weights, means, event_shape)
     variances = jnp.broadcast_to(jnp.asarray(variances, jnp.float32), means_shape)
     variances = variances.reshape(means.shape)
+    values = checks.concrete_array(variances)
+    if values is not None and not np.all(values >= 0):  # NaN fails too
+      raise ValueError(f'variances must be >= 0 (not NaN), got smallest {values.min()}')
     return cls(weights, means, variances, event_shape)
 
   @classmethod
@@ -115,13 +139,15 @@ class GaussianMixture:
       The mixture.
 
     Raises:
-      ValueError: if the shapes disagree.
+      ValueError: if the shapes disagree, for negative weights, or covariances that are
+        not symmetric positive semi-definite.
     """
     weights, means, event_shape = cls._check(weights, means, event_shape)
     covs = jnp.asarray(covs, jnp.float32)
     K, D = means.shape
     if covs.shape != (K, D, D):
       raise ValueError(f'covs must have shape {(K, D, D)}, got {covs.shape}')
+    _check_covariances(covs)
     covs = 0.5 * (covs + jnp.swapaxes(covs, -1, -2))
     eigenvalues, eigenvectors = jnp.linalg.eigh(covs)
     return cls(weights, means, covs, event_shape, (eigenvectors, jnp.maximum(eigenvalues, 0.0)))
@@ -159,6 +185,9 @@ class GaussianMixture:
     D = math.prod(event_shape)
     if math.prod(means.shape[1:]) != D:
       raise ValueError(f'means {means.shape} do not match event_shape {event_shape}')
+    values = checks.concrete_array(weights)
+    if values is not None and not (np.all(values >= 0) and values.sum() > 0):
+      raise ValueError(f'weights must be >= 0 with a positive sum, got {values.tolist()}')
     return weights / jnp.sum(weights), means.reshape(-1, D), event_shape
 
   # -- properties ----------------------------------------------------------------------------

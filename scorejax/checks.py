@@ -15,7 +15,8 @@ import numbers
 
 import numpy as np
 
-__all__ = ['concrete', 'check_in_range', 'check_count', 'check_time', 'check_tolerances']
+__all__ = ['concrete', 'concrete_array', 'check_in_range', 'check_count', 'check_time',
+           'check_tolerances']
 
 
 def concrete(value) -> float | None:
@@ -23,6 +24,14 @@ def concrete(value) -> float | None:
   try:
     return float(value)
   except TypeError:  # includes jax.errors.ConcretizationTypeError (a traced value)
+    return None
+
+
+def concrete_array(value) -> np.ndarray | None:
+  """`value` as a NumPy array, or `None` if it is traced."""
+  try:
+    return np.asarray(value)
+  except TypeError:  # includes jax.errors.TracerArrayConversionError
     return None
 
 

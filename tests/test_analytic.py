@@ -169,3 +169,32 @@ def test_gaussian_moments_and_errors():
     gaussian.log_prob(jnp.zeros((1, 2)), t=jnp.ones((1,)))
   with pytest.raises(ValueError, match='covs'):
     analytic.GaussianMixture.full([1.0], jnp.zeros((1, 2)), jnp.eye(3)[None])
+
+
+@pytest.mark.parametrize('build, message', [
+    (lambda: analytic.GaussianMixture.diagonal([-0.5, 1.5], jnp.zeros((2, 2)), 1.0),
+     r'^weights must be >= 0 with a positive sum'),
+    (lambda: analytic.GaussianMixture.diagonal([0.0, 0.0], jnp.zeros((2, 2)), 1.0),
+     r'^weights must be >= 0 with a positive sum'),
+    (lambda: analytic.GaussianMixture.diagonal([1.0], jnp.zeros((1, 2)), jnp.array([1.0, -1.0])),
+     r'^variances must be >= 0'),
+    (lambda: analytic.GaussianMixture.full([1.0], jnp.zeros((1, 2)), [[[1.0, 2.0], [2.0, 1.0]]]),
+     r'^covs\[0\] must be positive semi-definite, got smallest eigenvalue -1'),
+    (lambda: analytic.GaussianMixture.full([1.0], jnp.zeros((1, 2)), [[[1.0, 0.5], [0.0, 1.0]]]),
+     r'^covs\[0\] must be finite and symmetric'),
+])
+def test_invalid_mixtures_are_rejected(build, message):
+  with pytest.raises(ValueError, match=message):
+    build()
+
+
+def test_degenerate_but_valid_mixtures_are_accepted():
+  # A singular (rank-1) covariance is a valid Gaussian on a line; zero weights are allowed.
+  mixture = analytic.GaussianMixture.full([0.0, 1.0], jnp.zeros((2, 2)),
+                                          jnp.ones((2, 2, 2)))
+  samples = mixture.sample(jax.random.key(0), 1000)
+  np.testing.assert_allclose(samples[:, 0], samples[:, 1], atol=1e-5)
+  # Inside jit the values are traced and cannot be checked; construction still works.
+  weights = jax.jit(lambda w: analytic.GaussianMixture.diagonal(
+      w, jnp.zeros((2, 2)), 1.0).weights)(jnp.array([1.0, 3.0]))
+  np.testing.assert_allclose(weights, [0.25, 0.75])
