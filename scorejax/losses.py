@@ -214,8 +214,9 @@ def sliced_score_matching(
     `(loss, metrics)`.
 
   Raises:
-    ValueError: for an unknown `projection`.
+    ValueError: for an unknown `projection` or `n_projections < 1`.
   """
+  checks.check_count('n_projections', n_projections)
   v = sample_projections(key, (n_projections,) + x.shape, projection)
   return _summarize(
       sliced_score_matching_losses(score_fn, x, v, variance_reduction=variance_reduction))
@@ -238,7 +239,11 @@ def denoising_score_matching(
   """Denoising score matching at one noise level `sigma` on a batch `x [B, ...]`.
 
   Its minimiser is the score of the perturbed data `p_sigma = p * N(0, sigma^2 I)`.
+
+  Raises:
+    ValueError: for a concrete `sigma <= 0`.
   """
+  checks.check_in_range('sigma', sigma, low=0.0, low_open=True)
   z = jax.random.normal(key, x.shape, x.dtype)
   return _summarize(denoising_score_matching_losses(score_fn, x, z, sigma))
 
@@ -297,7 +302,11 @@ def sde_loss(
 
   Returns:
     `(loss, metrics)`.
+
+  Raises:
+    ValueError: for a concrete `eps` outside `(0, T)`.
   """
+  checks.check_time('eps', eps, sde.T)
   key_t, key_z = jax.random.split(key)
   t = jax.random.uniform(key_t, (batch.shape[0],), minval=eps, maxval=sde.T)
   z = jax.random.normal(key_z, batch.shape, batch.dtype)

@@ -194,6 +194,21 @@ def test_errors_list_choices():
     losses.make_loss_fn(SDES['subvpsde'], None, train=False, continuous=False)
 
 
+def test_out_of_range_numbers_raise_one_line_errors():
+  key, x, score_fn = jax.random.key(0), jnp.ones((4, 2)), lambda x: -x
+  with pytest.raises(ValueError, match=r'^n_projections must be an integer >= 1, got 0'):
+    losses.sliced_score_matching(key, score_fn, x, n_projections=0)
+  with pytest.raises(ValueError, match=r'^sigma must be in \(0, inf\), got 0.0'):
+    losses.denoising_score_matching(key, score_fn, x, 0.0)
+  with pytest.raises(ValueError, match=r'^eps must be in \(0, 1\), got 1.0'):
+    losses.sde_loss(key, lambda x, t: -x, SDES['vpsde'], x, eps=1.0)
+  with pytest.raises(ValueError, match=r'^eps must be in \(0, 1\)'):
+    losses.make_loss_fn(SDES['vpsde'], None, train=True, eps=-1e-5)
+  # Discrete DDPM training reads the VP tables, which 10 steps cannot hold (beta_max/N = 2).
+  with pytest.raises(ValueError, match=r'use N >= 20'):
+    losses.make_loss_fn(sde_lib.VPSDE(N=10), None, train=True, continuous=False)
+
+
 # -- training drives the learned score to the true one ------------------------------------------
 
 
