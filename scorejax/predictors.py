@@ -98,12 +98,14 @@ def ancestral_sampling_update(
     sigmas = jnp.asarray(sde.discrete_sigmas)
     sigma = sigmas[timestep]
     adjacent_sigma = jnp.where(timestep == 0, 0.0, sigmas[jnp.maximum(timestep - 1, 0)])
-    x_mean = x + batch_mul(sigma**2 - adjacent_sigma**2, score_fn(x, t))
+    score = sde_lib.evaluate_score(score_fn, x, t)
+    x_mean = x + batch_mul(sigma**2 - adjacent_sigma**2, score)
     std = jnp.sqrt(adjacent_sigma**2 * (sigma**2 - adjacent_sigma**2) / sigma**2)
     return x_mean + batch_mul(std, noise), x_mean
   if isinstance(sde, sde_lib.VPSDE):
     beta = jnp.asarray(sde_lib.discrete_betas(sde, strict=True))[timestep]
-    x_mean = batch_mul(1.0 / jnp.sqrt(1.0 - beta), x + batch_mul(beta, score_fn(x, t)))
+    score = sde_lib.evaluate_score(score_fn, x, t)
+    x_mean = batch_mul(1.0 / jnp.sqrt(1.0 - beta), x + batch_mul(beta, score))
     return x_mean + batch_mul(jnp.sqrt(beta), noise), x_mean
   raise ValueError(
       f'ancestral_sampling supports VESDE and VPSDE only, got {type(sde).__name__}')
@@ -188,7 +190,7 @@ def langevin_update(
   References:
     Song et al. 2021, Algorithm 4 / 5 (corrector of the VE / VP PC samplers).
   """
-  score = score_fn(x, t)
+  score = sde_lib.evaluate_score(score_fn, x, t)
   step_size = (snr * _batch_mean_norm(noise) / _batch_mean_norm(score)) ** 2 * 2
   step_size = step_size * _langevin_alpha(t, sde)
   x_mean = x + batch_mul(step_size, score)
@@ -206,7 +208,7 @@ def annealed_langevin_update(
   References:
     Song & Ermon 2019, Algorithm 1.
   """
-  score = score_fn(x, t)
+  score = sde_lib.evaluate_score(score_fn, x, t)
   std = sde.marginal_prob(x, t)[1]
   step_size = (snr * std) ** 2 * 2 * _langevin_alpha(t, sde)
   x_mean = x + batch_mul(step_size, score)

@@ -87,6 +87,22 @@ class SDE(abc.ABC):
     return ReverseSDE(self, score_fn, probability_flow)
 
 
+def evaluate_score(score_fn: ScoreFn, x: Array, t: Array) -> Array:
+  """`score_fn(x, t)`, checked (at trace time, for free) to have the shape of `x`.
+
+  A score of another shape (e.g. `[B]`, or `[D]` from a reduction over the batch) would
+  otherwise broadcast into the update, silently or with an error far from its cause.
+
+  Raises:
+    ValueError: naming both shapes.
+  """
+  score = score_fn(x, t)
+  if jnp.shape(score) != jnp.shape(x):
+    raise ValueError(f'score_fn(x, t) must return the shape of x {tuple(jnp.shape(x))}, got '
+                     f'{tuple(jnp.shape(score))}')
+  return score
+
+
 @dataclasses.dataclass(frozen=True)
 class ReverseSDE:
   """The reverse-time SDE / probability-flow ODE of `forward` under `score_fn`.
@@ -112,7 +128,7 @@ class ReverseSDE:
 
   def sde(self, x: Array, t: Array) -> tuple[Array, Array]:
     drift, diffusion = self.forward.sde(x, t)
-    score = self.score_fn(x, t)
+    score = evaluate_score(self.score_fn, x, t)
     drift = drift - batch_mul(diffusion**2, score) * self._weight()
     if self.probability_flow:
       diffusion = jnp.zeros_like(diffusion)
@@ -120,7 +136,7 @@ class ReverseSDE:
 
   def discretize(self, x: Array, t: Array) -> tuple[Array, Array]:
     f, G = self.forward.discretize(x, t)
-    f = f - batch_mul(G**2, self.score_fn(x, t)) * self._weight()
+    f = f - batch_mul(G**2, evaluate_score(self.score_fn, x, t)) * self._weight()
     if self.probability_flow:
       G = jnp.zeros_like(G)
     return f, G

@@ -358,3 +358,17 @@ def test_traced_numbers_pass_through_unchecked():
                                                   SDES['vpsde'], (2, 2), n_steps=30,
                                                   eps=eps)[0])
   assert np.all(np.isfinite(sample(1e-3)))
+
+
+@pytest.mark.parametrize('sample', [
+    lambda score_fn: sampling.pc_sample(jax.random.key(0), score_fn, SDES['vesde'], (4, 2),
+                                        n_steps=30, predictor='ancestral_sampling',
+                                        corrector='ald'),
+    lambda score_fn: sampling.pc_sample(jax.random.key(0), score_fn, SDES['vpsde'], (4, 2),
+                                        n_steps=30),
+    lambda score_fn: sampling.ode_sample(jax.random.key(0), score_fn, SDES['vpsde'], (4, 2)),
+], ids=['pc_ve_ancestral_ald', 'pc_vp', 'ode'])
+def test_a_score_of_the_wrong_shape_is_named(sample):
+  # [D] from a mean over the batch would broadcast into every update without an error.
+  with pytest.raises(ValueError, match=r'must return the shape of x \(4, 2\), got \(2,\)'):
+    sample(lambda x, t: -jnp.mean(x, axis=0))
