@@ -272,7 +272,7 @@ def sde_losses(
   """
   mean, std = sde.marginal_prob(x0, t)
   xt = mean + sde_lib.batch_mul(std, z)
-  score = score_fn(xt, t)
+  score = sde_lib.evaluate_score(score_fn, xt, t)
   if likelihood_weighting:
     g2 = sde.sde(jnp.zeros_like(x0), t)[1] ** 2
     return _reduce((score + sde_lib.batch_mul(1.0 / std, z)) ** 2, reduce_mean) * g2

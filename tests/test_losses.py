@@ -204,6 +204,8 @@ def test_out_of_range_numbers_raise_one_line_errors():
     losses.sde_loss(key, lambda x, t: -x, SDES['vpsde'], x, eps=1.0)
   with pytest.raises(ValueError, match=r'^eps must be in \(0, 1\)'):
     losses.make_loss_fn(SDES['vpsde'], None, train=True, eps=-1e-5)
+  with pytest.raises(ValueError, match=r'must return the shape of x \(4, 2\), got \(4,\)'):
+    losses.sde_loss(key, lambda x, t: -x.sum(-1), SDES['vpsde'], x)
   # Discrete DDPM training reads the VP tables, which 10 steps cannot hold (beta_max/N = 2).
   with pytest.raises(ValueError, match=r'use N >= 20'):
     losses.make_loss_fn(sde_lib.VPSDE(N=10), None, train=True, continuous=False)
