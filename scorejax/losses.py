@@ -418,7 +418,7 @@ def make_loss_fn(
           f'training.sde={type(sde).__name__}; valid choices: [VESDE (smld), VPSDE (ddpm)] '
           'or training.continuous=True')
     if isinstance(sde, sde_lib.VPSDE):
-      sde.discrete_betas  # noqa: B018 - raises now if the grid is too coarse for the tables
+      sde_lib.discrete_betas(sde)  # raises now if the grid is too coarse for the tables
 
   def loss_fn(params: Params, key: PRNGKey, batch: Array | Mapping[str, Array]):
     if isinstance(batch, Mapping):

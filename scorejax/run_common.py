@@ -155,7 +155,8 @@ def check_sampling(config: ConfigDict) -> None:
   """Fails on `sampling.*` settings the configured sampler rejects, before anything runs.
 
   Unknown names, numbers out of range, a VP grid too coarse for the tables its steps read:
-  the sampler's own checks, run on a stand-in score (nothing is traced or compiled).
+  the sampler's own checks, run on a stand-in score (one step on a 1x1 stand-in is traced
+  abstractly; nothing is compiled).
 
   Raises:
     ValueError: one line naming the setting (and, from `make_sde`, the SDE's fields).
