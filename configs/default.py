@@ -44,16 +44,19 @@ def get_default_configs() -> ml_collections.ConfigDict:
 
   # Sampling (score_sde names; used by snapshots and --mode=sample).
   config.sampling = sampling = ml_collections.ConfigDict()
-  sampling.method = 'pc'  # 'pc' (predictor-corrector) | 'ode' (probability flow)
+  sampling.method = 'pc'  # 'pc' (predictor-corrector) | 'ode' (probability flow) | 'fast'
   sampling.predictor = 'euler_maruyama'  # see scorejax.sampling.PREDICTORS
   sampling.corrector = 'none'  # see scorejax.sampling.CORRECTORS
   sampling.snr = 0.16  # Langevin corrector signal-to-noise ratio
   sampling.n_steps_each = 1  # corrector steps per noise level
   sampling.noise_removal = True  # return the noise-free mean of the last step
   sampling.probability_flow = False  # PC predictor follows the probability-flow ODE
-  sampling.num_steps = 0  # time steps of the PC / fixed-step ODE grid; 0 = model.num_scales
+  # Time steps of the PC / fixed-step ODE / fast grid; 0 = model.num_scales (fast: 20).
+  sampling.num_steps = 0
   sampling.eps = 1e-3  # final time of the reverse process
   sampling.ode_method = 'tsit5'  # see scorejax.sampling.ODE_METHODS
+  sampling.fast_method = 'dpmpp_2m'  # method='fast': see scorejax.fast_solvers.FAST_METHODS
+  sampling.time_grid = 'logsnr'  # method='fast': 'logsnr' | 'uniform' | 'quadratic'
   sampling.rtol = 1e-5  # ODE relative tolerance
   sampling.atol = 1e-5  # ODE absolute tolerance
   sampling.batch_size = 64  # samples drawn per compiled call

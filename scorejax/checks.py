@@ -1,4 +1,4 @@
-"""One-line `ValueError`s for bad numeric arguments of the public math API.
+"""One-line `ValueError`s for bad arguments of the public math API.
 
 The SDEs, samplers, ODE solvers and likelihood take plain numbers (tolerances, times, step
 counts). A bad one would otherwise surface far from its cause: a NaN sample, an endless
@@ -11,12 +11,15 @@ is not checked; every entry point checks its arguments before it traces anything
 
 from __future__ import annotations
 
+import inspect
 import numbers
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 __all__ = ['concrete', 'concrete_array', 'check_in_range', 'check_count', 'check_time',
-           'check_tolerances']
+           'check_tolerances', 'keyword_arguments']
 
 
 def concrete(value) -> float | None:
@@ -73,3 +76,19 @@ def check_tolerances(rtol, atol) -> None:
   if r == 0.0 and a == 0.0:
     raise ValueError('rtol and atol must not both be 0 (the adaptive step would shrink '
                      'without end), got rtol=0, atol=0')
+
+
+def keyword_arguments(fn: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+  """`kwargs` with the defaults of `fn`'s keyword-only arguments filled in.
+
+  Raises:
+    TypeError: for a keyword `fn` does not take, listing the ones it takes.
+  """
+  options = {name: parameter.default
+             for name, parameter in inspect.signature(fn).parameters.items()
+             if parameter.kind == inspect.Parameter.KEYWORD_ONLY}
+  unknown = sorted(set(kwargs) - set(options))
+  if unknown:
+    raise TypeError(f'{fn.__name__} got unknown keyword arguments {unknown}; valid '
+                    f'choices: {sorted(options)}')
+  return {**options, **kwargs}

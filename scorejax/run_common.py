@@ -17,10 +17,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from scorejax import datasets, distributed, sampling
+from scorejax import datasets, distributed, fast_solvers, sampling
 from scorejax import sde as sde_lib
 from scorejax.models import make_score_fn
 from scorejax.train import LossFn
+
+SAMPLING_METHODS = ('pc', 'ode', 'fast')  # sampling.method: scorejax.sampling, .fast_solvers
 
 Params = Any
 ConfigDict = ml_collections.ConfigDict
@@ -148,7 +150,14 @@ def make_sampler(
         builder, sde, shape, rtol=s.rtol, atol=s.atol, eps=s.eps, method=s.ode_method.lower(),
         n_steps=n_steps, denoise=s.noise_removal,
     )
-  raise ValueError(f"unknown sampling.method {s.method!r}; valid choices: ['ode', 'pc']")
+  if s.method.lower() == 'fast':
+    options = dict(n_steps=s.num_steps) if s.num_steps else {}
+    return fast_solvers.make_fast_sampler(
+        builder, sde, shape, method=s.fast_method.lower(), time_grid=s.time_grid.lower(),
+        eps=s.eps, denoise=s.noise_removal, **options,
+    )
+  raise ValueError(f"unknown sampling.method {s.method!r}; valid choices: "
+                   f"{list(SAMPLING_METHODS)}")
 
 
 def check_sampling(config: ConfigDict) -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -62,18 +61,6 @@ def _with_steps(sde: sde_lib.SDE, n_steps: int | None) -> tuple[sde_lib.SDE, int
     return sde, sde.N
   checks.check_count('n_steps', n_steps)
   return dataclasses.replace(sde, N=n_steps), n_steps
-
-
-def _keyword_arguments(sampler: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:
-  """`kwargs` with the defaults of `sampler`'s keyword-only arguments filled in."""
-  options = {name: parameter.default
-             for name, parameter in inspect.signature(sampler).parameters.items()
-             if parameter.kind == inspect.Parameter.KEYWORD_ONLY}
-  unknown = sorted(set(kwargs) - set(options))
-  if unknown:
-    raise TypeError(f'{sampler.__name__} got unknown keyword arguments {unknown}; valid '
-                    f'choices: {sorted(options)}')
-  return {**options, **kwargs}
 
 
 def _check_pc(sde: sde_lib.SDE, *, predictor: str, corrector: str, snr: float,
@@ -223,7 +210,7 @@ def make_pc_sampler(
     ValueError: for the arguments `pc_sample` rejects (checked now, not at the first call).
     TypeError: for a keyword argument `pc_sample` does not take.
   """
-  options = _keyword_arguments(pc_sample, kwargs)
+  options = checks.keyword_arguments(pc_sample, kwargs)
   _, n_steps = _check_pc(sde, **options)
   nfe = pc_nfe(options['predictor'], options['corrector'], options['n_corrector_steps'], n_steps)
 
@@ -312,6 +299,6 @@ def make_ode_sampler(
     ValueError: for the arguments `ode_sample` rejects (checked now).
     TypeError: for a keyword argument `ode_sample` does not take.
   """
-  _check_ode(sde, **_keyword_arguments(ode_sample, kwargs))
+  _check_ode(sde, **checks.keyword_arguments(ode_sample, kwargs))
   return jax.jit(lambda key, params: ode_sample(key, score_fn_builder(params), sde, shape,
                                                 **kwargs))

@@ -72,7 +72,7 @@ def test_image_metrics_need_weights_and_stats(tmp_path, monkeypatch):
   run_eval_samples.validate(load_config('smoke'))
 
 
-@pytest.mark.parametrize('method', ['pc', 'ode'])
+@pytest.mark.parametrize('method', ['pc', 'ode', 'fast'])
 def test_sharded_sampling_is_device_count_independent(method):
   """The same key gives the same samples with the batch on one device or split over two."""
   assert jax.device_count() >= 2
@@ -91,7 +91,7 @@ def test_sharded_sampling_is_device_count_independent(method):
     outputs.append((np.asarray(samples), int(nfe)))
   (one, nfe_one), (two, nfe_two) = outputs
   assert nfe_one == nfe_two and one.shape == (8, 2) and np.isfinite(one).all()
-  np.testing.assert_allclose(one, two, rtol=0, atol=1e-5)
+  np.testing.assert_allclose(one, two, rtol=1e-5, atol=1e-5)  # fast: untrained x0 ~ 1e2
   assert np.abs(one - one[::-1]).max() > 0.1  # rows differ: the noise is per example
 
 

@@ -104,6 +104,9 @@ def test_missing_checkpoint_fails_before_writing(tmp_path):
     ({'sampling.eps': 0.0}, 'eps must be in (0, 1)'),
     ({'sampling.method': 'ode', 'sampling.rtol': 0.0, 'sampling.atol': 0.0}, 'both be 0'),
     ({'sampling.n_steps_each': -1, 'sampling.corrector': 'langevin'}, 'n_corrector_steps'),
+    ({'sampling.method': 'fast', 'sampling.fast_method': 'dpm_4'}, "valid choices: ['ddim'"),
+    ({'sampling.method': 'fast', 'sampling.time_grid': 'karras'}, 'unknown time_grid'),
+    ({'sampling.method': 'sde'}, "valid choices: ['pc', 'ode', 'fast']"),
 ])
 @pytest.mark.parametrize('runner', [run_train, run_sample, run_eval])
 def test_every_mode_rejects_bad_sampler_settings_up_front(tmp_path, runner, overrides,
