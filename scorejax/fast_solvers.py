@@ -261,7 +261,7 @@ def _single_step_solve(predict: _Predictions, sde, x, times, order):
 def _fast_sample(key, score_fn, sde, shape, method, n_steps, time_grid, eps, denoise):
   spec = FAST_METHODS[method]
   predict = _Predictions(score_fn, sde)
-  x = sde.prior_sampling(key, shape)
+  x = sde.prior_sampling(jax.random.split(key)[0], shape)  # ode_sample's prior draw
   times = sampling_times(sde, n_steps, eps, time_grid)
   solve = _multistep_solve if spec.multistep else _single_step_solve
   x = solve(predict, sde, x, times, spec.order)
@@ -283,7 +283,8 @@ def fast_sample(
   """Samples with a few-step solver of the probability-flow ODE, from `T` to `eps`, in `jit`.
 
   Args:
-    key: PRNG key (the prior sample; the solvers are deterministic).
+    key: PRNG key of the prior sample, drawn as `ode_sample` draws it: for one key, the
+      samples converge to `ode_sample`'s as `n_steps` grows (the solvers are deterministic).
     score_fn: `score_fn(x [B, ...], t [B]) -> [B, ...]` (static argument of the program).
     sde: the forward SDE (any with a Gaussian kernel: VE, VP, sub-VP).
     shape: `[B, ...]` of the samples.

@@ -36,7 +36,7 @@ def _error(sde, method, n_steps, time_grid='logsnr'):
   key = jax.random.key(0)
   x, _ = fast_solvers.fast_sample(key, GAUSSIAN.score_fn(sde), sde, (64, 2), method=method,
                                   n_steps=n_steps, time_grid=time_grid, eps=EPS)
-  x_T = sde.prior_sampling(key, (64, 2))  # the sampler's own prior draw (same key)
+  x_T = sde.prior_sampling(jax.random.split(key)[0], (64, 2))  # the sampler's prior draw
   return float(jnp.max(jnp.abs(x - _exact_flow(sde, x_T))))
 
 
@@ -75,7 +75,7 @@ def test_ddim_is_the_ddim_paper_update():
                                           method='ddim', n_steps=n_steps, time_grid='uniform')
   assert nfe == n_steps
   times = np.linspace(1.0, EPS, n_steps + 1)
-  x = np.asarray(sde.prior_sampling(jax.random.key(5), shape), np.float64)
+  x = np.asarray(sde.prior_sampling(jax.random.split(jax.random.key(5))[0], shape), np.float64)
   abar = lambda t: np.exp(2.0 * float(sde.log_mean_coeff(jnp.float32(t))))
   for t, t_next in zip(times[:-1], times[1:], strict=True):
     score = np.asarray(score_fn(jnp.asarray(x, jnp.float32), jnp.full((shape[0],), t)))
@@ -192,6 +192,23 @@ def test_multistep_solvers_beat_ddim_and_ten_times_the_euler_steps():
   key = jax.random.key(0)
   euler, nfe = sampling.ode_sample(key, GAUSSIAN.score_fn(sde), sde, (64, 2), method='euler',
                                    n_steps=200, eps=EPS)
-  x_T = sde.prior_sampling(jax.random.split(key)[0], (64, 2))
+  x_T = sde.prior_sampling(jax.random.split(key)[0], (64, 2))  # the same draw as _error's
   euler_error = float(jnp.max(jnp.abs(euler - _exact_flow(sde, x_T))))
   assert int(nfe) == 200 and _error(sde, 'dpmpp_3m', 20) < 0.6 * euler_error
+
+
+def test_samples_converge_to_the_ode_samplers_for_the_same_key():
+  # Same prior draw as `ode_sample`: the few-step solution approaches the adaptive one,
+  # sample by sample, on the mixture (whose exact flow has no closed form).
+  sde = SDES['vpsde']
+  key = jax.random.key(9)
+  reference, _ = sampling.ode_sample(key, MIXTURE.score_fn(sde), sde, (256, 2), method='rk45',
+                                     rtol=1e-6, atol=1e-6)
+  def rms_error(n_steps):
+    samples, _ = fast_solvers.fast_sample(key, MIXTURE.score_fn(sde), sde, (256, 2),
+                                          method='dpmpp_3m', n_steps=n_steps)
+    return float(jnp.sqrt(jnp.mean(jnp.square(samples - reference))))
+
+  # Measured: 0.030 at 20 steps, 0.0011 at 80 (the data std is ~3).
+  coarse, fine = rms_error(20), rms_error(80)
+  assert fine < 3e-3 and fine < coarse / 10, (coarse, fine)
