@@ -4,7 +4,9 @@ Owns `pc_sample(key, score_fn, sde, shape, ...) -> (samples, nfe)` and
 `ode_sample(key, score_fn, sde, shape, ...) -> (samples, nfe)`, plus builders
 (`make_pc_sampler`, `make_ode_sampler`) that return one jitted function of `(key, params)` for
 the drivers. The single steps live in `scorejax.predictors` (`PREDICTORS`, `CORRECTORS`,
-re-exported here) and the in-graph ODE solvers in `scorejax.ode` (`ODE_METHODS`).
+re-exported here) and the in-graph ODE solvers in `scorejax.ode` (`ODE_METHODS`). Few-step
+solvers of the same probability-flow ODE (DDIM, DPM-Solver, DPM-Solver++) are in
+`scorejax.fast_solvers`.
 
 Each sampler is one compiled program: the PC sampler is a `lax.fori_loop` over the time grid
 `linspace(T, eps, N)` (corrector, then predictor, at each time, as in score_sde), and the ODE
