@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import counted
 from test_sampling import MIXTURE, N_SAMPLES, SDES, _assert_law
 
 from scorejax import analytic, fast_solvers, sampling
@@ -104,13 +105,7 @@ def test_few_step_solvers_reproduce_mixture(name, method, time_grid):
 @pytest.mark.parametrize('method', ['dpmpp_3m', 'dpm_solver_3'])
 def test_nfe_counts_every_score_evaluation(method):
   sde = SDES['vpsde']
-  calls = []
-  base = GAUSSIAN.score_fn(sde)
-
-  def score_fn(x, t):
-    jax.debug.callback(lambda: calls.append(1))
-    return base(x, t)
-
+  score_fn, calls = counted(GAUSSIAN.score_fn(sde))
   _, nfe = fast_solvers.fast_sample(jax.random.key(0), score_fn, sde, (4, 2), method=method,
                                     n_steps=5, denoise=True)
   jax.effects_barrier()

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import nchw_to_nhwc
+from conftest import counted, nchw_to_nhwc
 
 from scorejax import analytic, predictors, sampling
 from scorejax import sde as sde_lib
@@ -268,13 +268,7 @@ def test_ode_nfe_counts_every_score_evaluation(method):
   # A host-side counter inside the score (jax.debug.callback runs once per actual
   # evaluation, also inside the solver's while loop) must equal the reported NFE.
   sde = SDES['vpsde']
-  calls = []
-  base = GAUSSIAN.score_fn(sde)
-
-  def score_fn(x, t):
-    jax.debug.callback(lambda: calls.append(1))
-    return base(x, t)
-
+  score_fn, calls = counted(GAUSSIAN.score_fn(sde))
   _, nfe = sampling.ode_sample(jax.random.key(0), score_fn, sde, (8, 2), method=method,
                                rtol=1e-4, atol=1e-4, denoise=True)
   jax.effects_barrier()
