@@ -131,11 +131,27 @@ def exact_jacobian_trace(fn: DataScoreFn, x: Array) -> tuple[Array, Array]:
 # -- objectives on data (no time) --------------------------------------------------------------
 
 
+def _shape_checked(score_fn: DataScoreFn) -> DataScoreFn:
+  """`score_fn`, checked (at trace time) to return the shape of its input.
+
+  A score of another shape (`[B]`, or `[D]` from a reduction over the batch) would otherwise
+  broadcast into the loss without an error.
+  """
+  def checked(x: Array) -> Array:
+    score = score_fn(x)
+    if jnp.shape(score) != jnp.shape(x):
+      raise ValueError(f'score_fn(x) must return the shape of x {tuple(jnp.shape(x))}, got '
+                       f'{tuple(jnp.shape(score))}')
+    return score
+  return checked
+
+
 def explicit_score_matching_losses(
     score_fn: DataScoreFn, target_score_fn: DataScoreFn, x: Array
 ) -> Array:
   """Per-example `||s(x) - grad log p(x)||^2 / 2` `[B]`, for a known target score."""
-  return 0.5 * jnp.sum(_flat(score_fn(x) - target_score_fn(x)) ** 2, axis=-1)
+  score, target = _shape_checked(score_fn)(x), _shape_checked(target_score_fn)(x)
+  return 0.5 * jnp.sum(_flat(score - target) ** 2, axis=-1)
 
 
 def explicit_score_matching(
@@ -155,7 +171,7 @@ def implicit_score_matching_losses(score_fn: DataScoreFn, x: Array) -> Array:
   References:
     Hyvarinen 2005, Theorem 1: equals explicit score matching up to a constant.
   """
-  score, trace = exact_jacobian_trace(score_fn, x)
+  score, trace = exact_jacobian_trace(_shape_checked(score_fn), x)
   return 0.5 * jnp.sum(_flat(score) ** 2, axis=-1) + trace
 
 
@@ -183,7 +199,7 @@ def sliced_score_matching_losses(
   References:
     Song et al. 2019, "Sliced Score Matching", Eq. (7) and (8).
   """
-  score, quadratic = hutchinson_trace(score_fn, x, v)
+  score, quadratic = hutchinson_trace(_shape_checked(score_fn), x, v)
   if variance_reduction:
     second = 0.5 * jnp.sum(_flat(score) ** 2, axis=-1)[None]
   else:
@@ -230,7 +246,8 @@ def denoising_score_matching_losses(
   References:
     Vincent 2011, Eq. (11): the target `-(x_tilde - x) / sigma^2 = -z / sigma`.
   """
-  return 0.5 * jnp.sum(_flat(score_fn(x + sigma * z) + z / sigma) ** 2, axis=-1)
+  score = _shape_checked(score_fn)(x + sigma * z)
+  return 0.5 * jnp.sum(_flat(score + z / sigma) ** 2, axis=-1)
 
 
 def denoising_score_matching(

@@ -211,6 +211,25 @@ def test_out_of_range_numbers_raise_one_line_errors():
     losses.make_loss_fn(sde_lib.VPSDE(N=10), None, train=True, continuous=False)
 
 
+
+@pytest.mark.parametrize('objective', ['explicit', 'explicit_target', 'implicit', 'sliced',
+                                       'denoising'])
+def test_data_losses_name_a_score_of_the_wrong_shape(objective):
+  # A mean over the batch ([D]) would broadcast silently into every one of these losses.
+  key, x = jax.random.key(0), jnp.ones((4, 2))
+  good, bad = (lambda x: -x), (lambda x: -x.mean(0))
+  call = {
+      'explicit': lambda: losses.explicit_score_matching(bad, good, x),
+      'explicit_target': lambda: losses.explicit_score_matching(good, bad, x),
+      'implicit': lambda: losses.implicit_score_matching(bad, x),
+      'sliced': lambda: losses.sliced_score_matching(key, bad, x),
+      'denoising': lambda: losses.denoising_score_matching(key, bad, x, 0.1),
+  }[objective]
+  # (Inside jax.linearize, JAX appends a note on filtered frames after the first line.)
+  with pytest.raises(ValueError, match=r'^score_fn\(x\) must return the shape of x \(4, 2\), '
+                     r'got \(2,\)'):
+    call()
+
 # -- training drives the learned score to the true one ------------------------------------------
 
 
