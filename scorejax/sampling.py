@@ -53,7 +53,7 @@ ScoreFn = Callable[[Array, Array], Array]
 
 __all__ = [
     'CORRECTORS', 'ODE_METHODS', 'PREDICTORS', 'make_ode_sampler', 'make_pc_sampler',
-    'ode_sample', 'pc_nfe', 'pc_sample',
+    'ode_sample', 'pc_loop', 'pc_nfe', 'pc_sample', 'pc_step', 'pc_times',
 ]
 
 
@@ -65,7 +65,7 @@ def _with_steps(sde: sde_lib.SDE, n_steps: int | None) -> tuple[sde_lib.SDE, int
   return dataclasses.replace(sde, N=n_steps), n_steps
 
 
-def _check_pc(sde: sde_lib.SDE, *, predictor: str, corrector: str, snr: float,
+def check_pc_options(sde: sde_lib.SDE, *, predictor: str, corrector: str, snr: float,
               n_corrector_steps: int, n_steps: int | None, eps: float, probability_flow: bool,
               **_) -> tuple[sde_lib.SDE, int]:
   """Checks `pc_sample`'s arguments before tracing; returns the SDE on the grid and `N`."""
@@ -108,6 +108,62 @@ def pc_nfe(predictor: str, corrector: str, n_corrector_steps: int, n_steps: int)
   return n_steps * (predictor_cost + corrector_cost)
 
 
+def pc_step(
+    key: Array, x: Array, t: Array, t_next: Array, score_fn: ScoreFn, sde: sde_lib.SDE, *,
+    predictor: str, corrector: str, snr: float, n_corrector_steps: int,
+    probability_flow: bool,
+    constrain: Callable[[Array, Array, Array, Array], tuple[Array, Array]] | None = None,
+) -> tuple[Array, Array]:
+  """One PC step at grid time `t [B]`: the correctors, then the predictor (traceable).
+
+  `constrain(key, x, x_mean, t) -> (x, x_mean)`, when given, runs after the correctors (at
+  `t`) and after the predictor (at `t_next`, the time the sample has reached), each time with
+  a key of its own; conditional samplers (`scorejax.conditional`) put their observations back
+  there. Without it, `t_next` is not used.
+
+  Returns:
+    `(x, x_mean)` after the predictor.
+  """
+  corrector_key, predictor_key = jax.random.split(key)
+  x, x_mean = corrector_step(corrector_key, x, t, score_fn, sde, corrector=corrector,
+                             snr=snr, n_steps=n_corrector_steps)
+  if constrain is not None:
+    x, x_mean = constrain(jax.random.fold_in(key, 0), x, x_mean, t)
+  x, x_mean = predictor_step(predictor_key, x, t, score_fn, sde, predictor=predictor,
+                             probability_flow=probability_flow)
+  if constrain is not None:
+    x, x_mean = constrain(jax.random.fold_in(key, 1), x, x_mean, t_next)
+  return x, x_mean
+
+
+def pc_loop(key: Array, x: Array, score_fn: ScoreFn, sde: sde_lib.SDE, *, eps: float,
+            **step_options: Any) -> tuple[Array, Array]:
+  """The PC loop from `x` at time `T` down to `eps` on `linspace(T, eps, sde.N)`, step `i`
+  drawing from `fold_in(key, i)`: traceable, not jitted (the samplers jit it whole).
+
+  Args:
+    step_options: the keyword arguments of `pc_step`; `t_next` is the next grid time (`eps`
+      after the last step).
+
+  Returns:
+    `(x, x_mean)` after the last step.
+  """
+  timesteps = pc_times(sde, eps)
+
+  def body(i, carry):
+    x, _ = carry
+    t = jnp.full((x.shape[0],), timesteps[i])
+    t_next = jnp.full_like(t, timesteps[jnp.minimum(i + 1, sde.N - 1)])
+    return pc_step(jax.random.fold_in(key, i), x, t, t_next, score_fn, sde, **step_options)
+
+  return jax.lax.fori_loop(0, sde.N, body, (x, x))
+
+
+def pc_times(sde: sde_lib.SDE, eps: float) -> Array:
+  """The PC grid `linspace(T, eps, N)` (score_sde's)."""
+  return jnp.linspace(sde.T, eps, sde.N)
+
+
 @functools.partial(
     jax.jit,
     static_argnames=('score_fn', 'shape', 'predictor', 'corrector', 'n_corrector_steps',
@@ -117,18 +173,9 @@ def _pc_sample(key, score_fn, sde, shape, predictor, corrector, snr, n_corrector
                denoise, eps, probability_flow):
   prior_key, loop_key = jax.random.split(key)
   x = sde.prior_sampling(prior_key, shape)
-  timesteps = jnp.linspace(sde.T, eps, sde.N)
-
-  def body(i, carry):
-    x, _ = carry
-    t = jnp.full((shape[0],), timesteps[i])
-    corrector_key, predictor_key = jax.random.split(jax.random.fold_in(loop_key, i))
-    x, x_mean = corrector_step(corrector_key, x, t, score_fn, sde, corrector=corrector,
-                               snr=snr, n_steps=n_corrector_steps)
-    return predictor_step(predictor_key, x, t, score_fn, sde, predictor=predictor,
-                          probability_flow=probability_flow)
-
-  x, x_mean = jax.lax.fori_loop(0, sde.N, body, (x, x))
+  x, x_mean = pc_loop(loop_key, x, score_fn, sde, predictor=predictor, corrector=corrector,
+                      snr=snr, n_corrector_steps=n_corrector_steps, eps=eps,
+                      probability_flow=probability_flow)
   return x_mean if denoise else x
 
 
@@ -179,7 +226,7 @@ def pc_sample(
       (`snr < 0`, `n_corrector_steps < 0`, `n_steps < 1`, `eps` outside `(0, T)`), or a VP /
       sub-VP grid too coarse for the DDPM tables a step reads (`sde.discrete_betas`).
   """
-  sde, n_steps = _check_pc(sde, predictor=predictor, corrector=corrector, snr=snr,
+  sde, n_steps = check_pc_options(sde, predictor=predictor, corrector=corrector, snr=snr,
                            n_corrector_steps=n_corrector_steps, n_steps=n_steps, eps=eps,
                            probability_flow=probability_flow)
   samples = _pc_sample(key, score_fn, sde, tuple(shape), predictor, corrector, snr,
@@ -213,7 +260,7 @@ def make_pc_sampler(
     TypeError: for a keyword argument `pc_sample` does not take.
   """
   options = checks.keyword_arguments(pc_sample, kwargs)
-  _, n_steps = _check_pc(sde, **options)
+  _, n_steps = check_pc_options(sde, **options)
   nfe = pc_nfe(options['predictor'], options['corrector'], options['n_corrector_steps'], n_steps)
 
   @jax.jit
