@@ -61,6 +61,9 @@ def get_default_configs() -> ml_collections.ConfigDict:
   sampling.atol = 1e-5  # ODE absolute tolerance
   sampling.batch_size = 64  # samples drawn per compiled call
   sampling.num_samples = 64  # samples written by --mode=sample (and per snapshot)
+  sampling.condition = ''  # --mode=sample: '' | 'inpaint' | 'colorize' test images
+  sampling.mask = 'right_half'  # inpaint: 'right_half' | 'bottom_half' | 'center' | 'random'
+  sampling.n_resample = 1  # condition: RePaint resampling rounds per step (NFE x n_resample)
   sampling.checkpoint = ''  # sample/eval from this path ('' = the workdir's checkpoints)
   sampling.checkpoint_step = 0  # sample/eval this step (0 = the newest)
   sampling.use_ema = True  # sample with the EMA parameters

@@ -25,6 +25,7 @@ arguments (new data does not recompile), the score function is static.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -37,7 +38,10 @@ from scorejax import sde as sde_lib
 Array = jax.Array
 ScoreFn = sampling.ScoreFn
 
-__all__ = ['colorization_basis', 'pc_colorize', 'pc_inpaint', 'pc_sample_observed']
+__all__ = ['MASKS', 'colorization_basis', 'make_conditional_sampler', 'make_mask',
+           'pc_colorize', 'pc_inpaint', 'pc_sample_observed']
+
+MASKS = ('right_half', 'bottom_half', 'center', 'random')
 
 
 def colorization_basis(channels: int = 3) -> np.ndarray:
@@ -185,6 +189,59 @@ def pc_colorize(
   observed = jnp.broadcast_to(gray, gray.shape[:-1] + (channels,))
   mask = np.eye(channels, dtype=np.float32)[0]
   return pc_sample_observed(key, score_fn, sde, observed, mask, basis=basis, **pc_options)
+
+
+def make_mask(kind: str, shape: tuple[int, ...], key: Array | None = None) -> np.ndarray:
+  """An inpainting mask `[B, H, W, 1]` (1 = known pixel) for images of `shape` `[B, H, W, C]`.
+
+  `'right_half'` / `'bottom_half'`: that half is inpainted; `'center'`: the central square of
+  half the side; `'random'`: each pixel independently with probability 1/2 (drawn from `key`).
+
+  Raises:
+    ValueError: for an unknown kind (listing `MASKS`), or `'random'` without a key.
+  """
+  if kind not in MASKS:
+    raise ValueError(f'unknown mask {kind!r}; valid choices: {list(MASKS)}')
+  batch, height, width = shape[:3]
+  mask = np.ones((batch, height, width, 1), np.float32)
+  if kind == 'right_half':
+    mask[:, :, width // 2:] = 0
+  elif kind == 'bottom_half':
+    mask[:, height // 2:] = 0
+  elif kind == 'center':
+    top, left = height // 4, width // 4
+    mask[:, top:top + height - height // 2, left:left + width - width // 2] = 0
+  else:
+    if key is None:
+      raise ValueError("mask 'random' needs a key")
+    mask = np.asarray(jax.random.bernoulli(key, 0.5, mask.shape), np.float32)
+  return mask
+
+
+def make_conditional_sampler(
+    score_fn_builder: Callable[[Any], ScoreFn], sde: sde_lib.SDE, *,
+    basis: Array | None = None, n_resample: int = 1, **pc_options: Any,
+) -> Callable[[Array, Any, Array, Array], tuple[Array, int]]:
+  """A jitted `sample_fn(key, params, observed, mask) -> (samples, nfe)` for repeated use.
+
+  Parameters, observations and masks are traced (one compilation per shape), as in
+  `sampling.make_pc_sampler`; the arguments are those of `pc_sample_observed`, checked now.
+
+  Raises:
+    ValueError / TypeError: as `pc_sample_observed`, for the settings (not the data).
+  """
+  options = checks.keyword_arguments(sampling.pc_sample, pc_options)
+  _, n_steps = sampling.check_pc_options(sde, **options)
+  checks.check_count('n_resample', n_resample)
+  nfe = n_resample * sampling.pc_nfe(options['predictor'], options['corrector'],
+                                     options['n_corrector_steps'], n_steps)
+
+  @jax.jit
+  def sample(key, params, observed, mask):
+    return pc_sample_observed(key, score_fn_builder(params), sde, observed, mask, basis=basis,
+                              n_resample=n_resample, **pc_options)[0]
+
+  return lambda key, params, observed, mask: (sample(key, params, observed, mask), nfe)
 
 
 def _check_observation(observed: Array, mask: Any, basis: Any) -> None:

@@ -8,7 +8,8 @@ multiple of the device count), each batch split over all devices. Writes
 `samples/samples_<step>.npz` (array `samples`: images NHWC float32 in [0, 1], 2-D data in
 its own coordinates; `nfe`: score evaluations per batch) and `samples/samples_<step>.png`.
 The same seed and checkpoint give the same samples. Checkpoints written by the
-importers (`params` or `ema_params` only) work too.
+importers (`params` or `ema_params` only) work too. With `sampling.condition` ('inpaint',
+'colorize') it completes test images instead (`scorejax.run_conditional`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from scorejax import checkpoints, run_common, run_train
+from scorejax import checkpoints, run_common, run_conditional, run_train
 from scorejax.models import make_model
 
 SAMPLE_MODE_STREAM = 4  # fold_in constant of the sample-mode key (distinct from training's)
@@ -39,6 +40,8 @@ def validate(config, workdir: str) -> None:
     ValueError: sampler settings the sampler rejects (`run_common.check_sampling`).
   """
   run_common.check_sampling(config)
+  if config.sampling.condition:
+    run_conditional.check_condition(config)
   checkpoints.find_step_dir(checkpoint_source(config, pathlib.Path(workdir)),
                             config.sampling.checkpoint_step or None)
 
@@ -58,6 +61,8 @@ def run(config, workdir: str) -> dict:
   """Draws samples from a trained model; returns `{'path': npz path, 'nfe': [...]}`."""
   workdir = pathlib.Path(workdir)
   params, step = restore_for_inference(config, workdir)
+  if config.sampling.condition:
+    return run_conditional.run(config, workdir, params, step)
   sde = run_common.make_sde(config)
   model = make_model(config)
   batch_size = run_common.sharded_batch_size(

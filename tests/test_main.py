@@ -332,3 +332,82 @@ def test_two_processes_equal_one_process(tmp_path):
   assert_trees_equal(final_ema(workdir, 10), final_ema(tmp_path / 'single', 10), atol=1e-6)
   # Only process 0 writes logs.
   assert len([r for r in read_jsonl(workdir / 'metrics.jsonl') if r['step'] == 10]) >= 1
+
+
+# ------------------------------------------------------------------------- conditional
+
+
+def _rgb_folder(root: pathlib.Path) -> None:
+  """8x8 RGB PNGs in `root/train` and `root/test` (16 and 5 of them)."""
+  from PIL import Image
+
+  rng = np.random.default_rng(0)
+  for split, count in (('train', 16), ('test', 5)):
+    (root / split).mkdir(parents=True)
+    for i in range(count):
+      image = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+      Image.fromarray(image).save(root / split / f'{i}.png')
+
+
+@pytest.mark.parametrize('condition', ['inpaint', 'colorize'])
+def test_sample_mode_completes_test_images(tmp_path, condition, monkeypatch):
+  data = {'data.dataset': 'digits', 'data.num_channels': 1, 'data.image_size': 8}
+  if condition == 'colorize':
+    _rgb_folder(tmp_path / 'images')
+    data = {'data.dataset': 'image_folder', 'data.num_channels': 3, 'data.image_size': 8,
+            'data.data_dir': str(tmp_path / 'images')}
+  workdir = tmp_path / 'run'
+  run_train.run(load_config(**data), str(workdir))
+  if condition == 'colorize':
+    # A 20-step model's colours leave [0, 1]; the exact score of N(0, 0.04 I) (model range)
+    # keeps them inside, so the kept gray level can be read from the written images.
+    from scorejax import analytic, run_common
+
+    law = analytic.GaussianMixture.gaussian(np.zeros((8, 8, 3), np.float32), 0.04)
+    exact = lambda model, sde, continuous: (lambda params: law.score_fn(sde))
+    monkeypatch.setattr(run_common, 'score_fn_builder', exact)
+  config = load_config(**data, **{'sampling.condition': condition, 'sampling.num_samples': 5,
+                                  'sampling.batch_size': 4, 'sampling.n_resample': 2,
+                                  'sampling.mask': 'bottom_half'})
+  run_sample.validate(config, str(workdir))
+  out = run_sample.run(config, str(workdir))
+  assert out['path'].endswith(f'{condition}_20.npz') and out['nfe'] == [40, 40]
+  result = np.load(out['path'])
+  samples, originals = result['samples'], result['originals']
+  channels = 1 if condition == 'inpaint' else 3
+  assert samples.shape == originals.shape == (5, 8, 8, channels)
+  # The first five test images, in order, in [0, 1].
+  test = run_sample.run_conditional._test_images(config, 5)
+  np.testing.assert_allclose(originals, np.clip((test + 1) / 2 if config.data.centered
+                                                else test, 0, 1), atol=1e-6)
+  if condition == 'inpaint':
+    known = result['mask'][..., 0] == 1
+    assert known[:, :4].all() and not known[:, 4:].any()
+    np.testing.assert_allclose(samples[known], originals[known], atol=1e-6)
+    assert not np.allclose(samples[~known], originals[~known], atol=0.05)
+  else:  # the gray level is kept (up to clipping to [0, 1])
+    inside = (samples > 0) & (samples < 1)
+    rows = inside.all(-1)
+    np.testing.assert_allclose(samples.mean(-1)[rows], originals.mean(-1)[rows], atol=1e-5)
+    assert rows.mean() > 0.2
+  assert (workdir / 'samples' / f'{condition}_20.png').exists()
+  again = np.load(run_sample.run(config, str(workdir))['path'])['samples']
+  np.testing.assert_array_equal(samples, again)
+
+
+@pytest.mark.parametrize('overrides, expected', [
+    ({'sampling.condition': 'deblur'}, "unknown sampling.condition 'deblur'; valid choices"),
+    ({'sampling.condition': 'inpaint'}, 'needs images; data.dataset=two_moons'),
+    ({'sampling.condition': 'inpaint', 'data.dataset': 'digits', 'data.num_channels': 1,
+      'sampling.method': 'ode'}, 'set sampling.method=pc'),
+    ({'sampling.condition': 'colorize', 'data.dataset': 'digits', 'data.num_channels': 1},
+     'needs colour images'),
+    ({'sampling.condition': 'inpaint', 'data.dataset': 'digits', 'data.num_channels': 1,
+      'sampling.mask': 'left'}, "unknown sampling.mask 'left'"),
+    ({'sampling.condition': 'inpaint', 'data.dataset': 'digits', 'data.num_channels': 1,
+      'sampling.n_resample': 0}, 'sampling.n_resample must be >= 1'),
+])
+def test_bad_conditional_settings_fail_up_front(tmp_path, overrides, expected):
+  with pytest.raises(ValueError, match='sampling') as error:
+    run_sample.validate(load_config(**overrides), str(tmp_path))
+  assert expected in str(error.value)
