@@ -5,8 +5,14 @@ driver's `workdir/eval/ckpt_<step>/samples_<k>.npz` shards) and optionally `labe
 (then accuracy is printed too). For comparison the same metrics of the 297 real held-out digits are
 printed: digits-FID depends on N, so compare runs at equal N.
 
+Completions of test digits (`--mode=sample` with `sampling.condition=inpaint`, which writes
+`originals` and `observed` beside `samples`) get one more line: for the originals, the
+inputs (hidden pixels mid-gray) and the completions, the classifier's accuracy on the true
+labels and its agreement with its own class for the original.
+
 Usage:
   python scripts/eval_digits.py --samples workdir/eval/ckpt_10000/samples_0.npz
+  python scripts/eval_digits.py --samples workdir/samples/inpaint_8000.npz
 """
 
 import argparse
@@ -24,9 +30,9 @@ def main():
   args = parser.parse_args()
 
   evaluator = digits_classifier.load_evaluator(args.classifier)
-  with np.load(args.samples) as data:
-    samples = data['samples']
-    labels = data['labels'] if 'labels' in data.files else None
+  data = dict(np.load(args.samples))
+  samples = data['samples']
+  labels = data.get('labels')
   if samples.ndim == 2 and samples.shape[1] % 64 == 0:  # flattened [N, 64 k^2]
     side = int(np.sqrt(samples.shape[1]))
     samples = samples.reshape(-1, side, side, 1)
@@ -35,6 +41,24 @@ def main():
   real = evaluator.metrics(test_images, test_labels)
   print(json.dumps({'num_samples': len(samples), **result}))
   print(json.dumps({'real_test_digits': len(test_images), **real}))
+  if 'originals' in data:
+    print(json.dumps(completion_scores(evaluator, data, test_images, test_labels)))
+
+
+def completion_scores(evaluator, data, test_images, test_labels) -> dict:
+  """Accuracy and agreement with the original's class of originals, inputs, completions."""
+  originals = digits_classifier.to_digits_8x8(data['originals'])
+  count = len(originals)
+  if not np.allclose(originals, test_images[:count], atol=1e-6):
+    raise ValueError('originals are not the first test digits (another dataset or order?)')
+  predicted = lambda images: evaluator.apply(np.clip(images, 0, 1))['logits'].argmax(1)
+  reference = predicted(originals)
+  scores = {'completions_of': count}
+  for name in ('originals', 'observed', 'samples'):
+    classes = predicted(data[name])
+    scores[f'{name}_accuracy'] = float((classes == test_labels[:count]).mean())
+    scores[f'{name}_agreement'] = float((classes == reference).mean())
+  return scores
 
 
 if __name__ == '__main__':

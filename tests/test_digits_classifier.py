@@ -87,3 +87,26 @@ def test_eval_digits_script(tmp_path, monkeypatch, capsys, test_digits):
   lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
   assert lines[0]['num_samples'] == 100 and lines[0]['accuracy'] >= 0.95
   assert lines[1]['real_test_digits'] == 297
+
+
+def test_eval_digits_scores_completions(tmp_path, monkeypatch, capsys, test_digits):
+  sys.path.insert(0, str(importlib.resources.files('scorejax').parent / 'scripts'))
+  import eval_digits
+
+  images, _ = test_digits
+  # "Completions" that are the originals, inputs with the bottom half blanked, and a file
+  # whose originals are not the test digits in order.
+  blanked = images[:60].copy()
+  blanked[:, 4:] = 0.5
+  path = tmp_path / 'inpaint.npz'
+  np.savez(path, samples=images[:60], originals=images[:60], observed=blanked)
+  monkeypatch.setattr(sys, 'argv', ['eval_digits.py', '--samples', str(path)])
+  eval_digits.main()
+  scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert scores['completions_of'] == 60
+  assert scores['originals_agreement'] == scores['samples_agreement'] == 1.0
+  assert scores['samples_accuracy'] == scores['originals_accuracy'] >= 0.95
+  assert scores['observed_agreement'] < 0.9  # half a digit is often read as another one
+  np.savez(path, samples=images[:60], originals=images[1:61], observed=blanked)
+  with pytest.raises(ValueError, match='not the first test digits'):
+    eval_digits.main()
