@@ -12,9 +12,17 @@ deliberate differences: the observation is perturbed to `t_{i+1}` after the pred
 of `t_i` (the reference uses `t_i` both times), and `x_mean` keeps the predictor's own mean
 in the unobserved coordinates (the reference takes them from `x`).
 
+With `n_resample = r > 1`, each step is taken `r` times: before every retake the sample is
+pushed back to its grid time by one step of the forward chain (`sde.discretize`, the step
+the reverse-diffusion predictor inverts), so the unobserved coordinates get more chances to
+agree with the observation (RePaint, Lugmayr et al. 2022, with jumps of one step). NFE is
+`r` times the PC sampler's.
+
 Replacement is exact when the observed and unobserved coordinates of the data are
-independent, and an approximation otherwise (it does not sample the exact conditional; see
-`tests/test_conditional.py` for how close it comes on a Gaussian mixture). It needs an SDE
+independent, and an approximation otherwise (it does not sample the exact conditional:
+between two modes of a Gaussian mixture it leaves ~16% of the samples in the mode the
+observation rules out; 20 resampling rounds at the same NFE leave ~4%, see
+`tests/test_conditional.py`). It needs an SDE
 whose perturbation kernel is isotropic with a mean linear in `x` (VE, VP and sub-VP), so that
 perturbing `y` equals perturbing `x` and changing basis.
 
