@@ -411,3 +411,31 @@ def test_bad_conditional_settings_fail_up_front(tmp_path, overrides, expected):
   with pytest.raises(ValueError, match='sampling') as error:
     run_sample.validate(load_config(**overrides), str(tmp_path))
   assert expected in str(error.value)
+
+
+def test_conditional_sampling_is_device_count_independent():
+  from jax.sharding import Mesh
+
+  from scorejax import distributed, run_common, run_conditional
+  from scorejax.models import make_model
+
+  config = load_config(**{'data.dataset': 'digits', 'data.num_channels': 1,
+                          'data.image_size': 8, 'sampling.condition': 'inpaint',
+                          'sampling.n_resample': 2})
+  model = make_model(config)
+  sde = run_common.make_sde(config)
+  params = run_common.init_params(model, jax.random.key(0), (8, 8, 1))
+  originals = run_conditional._test_images(config, 4)
+  observed, mask = run_conditional._observation(config, originals, jax.random.key(1))
+  outputs = []
+  for devices in (jax.devices()[:1], jax.devices()[:2]):
+    mesh = Mesh(np.asarray(devices), ('data',))
+    rows = distributed.batch_sharding(mesh)
+    sampler = run_conditional._make_sampler(config, model, sde, mesh)
+    samples, nfe = sampler(jax.random.key(3), params, run_conditional._global(observed, rows),
+                           run_conditional._global(mask, rows))
+    assert len(samples.sharding.device_set) == len(devices) and int(nfe) == 40
+    outputs.append(np.asarray(samples))
+  np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+  known = mask == 1
+  np.testing.assert_array_equal(outputs[0][known], observed[known])
