@@ -12,7 +12,8 @@ Evaluators (enabled by config):
             repeats (the paper's protocol); for 2-D data the NLL in nats, beside the
             true NLL of the toy distribution.
   'samples' (`eval.enable_sampling`): `eval.num_samples` samples drawn over all devices
-            into resumable shards `eval/ckpt_<step>/samples_<k>.npz`, then their quality:
+            into resumable shards `eval/ckpt_<step>/sampler_<tag>/samples_<k>.npz` (one
+            folder per sampler settings), then their quality:
             digits-FID / IS for digits, FID / IS / KID (Inception) for images, sliced
             Wasserstein / MMD / true-density NLL for 2-D toys (`run_eval_samples`).
 

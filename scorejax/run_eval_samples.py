@@ -1,9 +1,13 @@
 """Sample-quality evaluation of one checkpoint, for the eval driver (`eval.enable_sampling`).
 
 Draws `eval.num_samples` samples with the configured sampler, split over all devices, in
-shards `workdir/eval/ckpt_<step>/samples_<k>.npz` (`quality.write_sample_shards`: shard
-`k` uses `fold_in(key, k)` and finished shards are skipped, so an interrupted evaluation
-resumes where it stopped and gives the same numbers), then scores them by data kind:
+shards `workdir/eval/ckpt_<step>/sampler_<tag>/samples_<k>.npz` (`quality.write_sample_shards`:
+shard `k` uses `fold_in(key, k)` and finished shards are skipped, so an interrupted
+evaluation resumes where it stopped and gives the same numbers), then scores them by data
+kind. `<tag>` is a hash of every setting the samples depend on besides the parameters
+(`sampler_settings`: seed, `sampling.*`, the SDE, model and data fields), written beside
+them in `settings.json`: another sampler, seed or step count draws its own samples instead
+of scoring the shards of an earlier run.
 
   'toy'    (2-D toys): sliced Wasserstein-2 and MMD^2 to samples of the true distribution,
            and the NLL of the samples under its true density (`quality.lowdim_sample_metrics`).
@@ -24,12 +28,15 @@ References:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import pathlib
 from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
+from absl import logging
 
 from scorejax import quality, run_common, toy_data
 
@@ -79,6 +86,26 @@ def validate(config) -> None:
     )
 
 
+# Sample-mode settings that do not change the samples of --mode=eval.
+_NOT_SAMPLER_SETTINGS = ('num_samples', 'condition', 'mask', 'n_resample')
+
+
+def sampler_settings(config) -> dict:
+  """The settings the eval samples of a checkpoint depend on, besides its parameters."""
+  sampling = {k: v for k, v in config.sampling.to_dict().items()
+              if k not in _NOT_SAMPLER_SETTINGS}
+  return {'seed': config.seed, 'sampling': sampling, 'model': config.model.to_dict(),
+          'data': config.data.to_dict(),
+          'training': {k: config.training[k] for k in ('sde', 'continuous')}}
+
+
+def samples_directory(config, workdir: pathlib.Path, step: int) -> pathlib.Path:
+  """`workdir/eval/ckpt_<step>/sampler_<tag>`, `<tag>` a hash of `sampler_settings`."""
+  text = json.dumps(sampler_settings(config), sort_keys=True, default=str)
+  tag = hashlib.sha256(text.encode()).hexdigest()[:10]
+  return workdir / 'eval' / f'ckpt_{step}' / f'sampler_{tag}'
+
+
 def shard_size(config) -> int:
   """Samples per shard: `sampling.batch_size` (at most `eval.num_samples`), device-aligned."""
   return run_common.sharded_batch_size(min(config.sampling.batch_size, config.eval.num_samples))
@@ -103,7 +130,12 @@ def evaluate_samples(context: EvalContext) -> dict[str, float]:
     nfes.append(int(run_common.host_array(nfe)))
     return run_common.to_data_range(config, run_common.host_array(samples))
 
-  directory = context.workdir / 'eval' / f'ckpt_{context.step}'
+  directory = samples_directory(config, context.workdir, context.step)
+  if jax.process_index() == 0 and not (directory / 'settings.json').is_file():
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / 'settings.json').write_text(
+        json.dumps(sampler_settings(config), indent=2, sort_keys=True, default=str))
+  logging.info('eval samples of step %d in %s', context.step, directory)
   key = jax.random.fold_in(context.key, SAMPLES_STREAM)
   paths = write_shards(draw, key, directory, num_samples, shard_size(config))
   kind = sample_kind(config)

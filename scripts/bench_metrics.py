@@ -75,7 +75,9 @@ digits-FID floor (packaged classifier, 297 real held-out digits vs the 1500 trai
 digits_fid {real['digits_fid']:.2f}, digits_is {real['digits_is']:.2f}, accuracy
 {real['accuracy']:.4f}, confidence {real['confidence']:.3f}, class_entropy
 {real['class_entropy']:.3f} (log 10 = 2.303). Samples of the embedded default: measure with
-`python scripts/eval_digits.py --samples workdir/eval/samples_<step>.npz`.
+`python scripts/eval_digits.py --samples workdir/eval/ckpt_<step>/sampler_<tag>/samples_0.npz`
+(or `--mode=eval`, which reports it for every checkpoint); results in the section "Offline
+default" below.
 {END}"""
   print(section)
   if args.write:

@@ -1,9 +1,9 @@
 """Prints digits-FID, the IS analogue, confidence and class entropy of digits samples.
 
 The input is an `.npz` with `samples` `[N, 8k, 8k, 1]` in [0, 1] (NHWC; e.g. the eval
-driver's `workdir/eval/ckpt_<step>/samples_<k>.npz` shards) and optionally `labels` `[N]`
-(then accuracy is printed too). For comparison the same metrics of the 297 real held-out digits are
-printed: digits-FID depends on N, so compare runs at equal N.
+driver's `workdir/eval/ckpt_<step>/sampler_<tag>/samples_<k>.npz` shards) and optionally
+`labels` `[N]` (then accuracy is printed too). For comparison the same metrics of the 297
+real held-out digits are printed: digits-FID depends on N, so compare runs at equal N.
 
 Completions of test digits (`--mode=sample` with `sampling.condition=inpaint`, which writes
 `originals` and `observed` beside `samples`) get one more line: for the originals, the
@@ -11,7 +11,7 @@ inputs (hidden pixels mid-gray) and the completions, the classifier's accuracy o
 labels and its agreement with its own class for the original.
 
 Usage:
-  python scripts/eval_digits.py --samples workdir/eval/ckpt_10000/samples_0.npz
+  python scripts/eval_digits.py --samples workdir/eval/ckpt_8000/sampler_<tag>/samples_0.npz
   python scripts/eval_digits.py --samples workdir/samples/inpaint_8000.npz
 """
 

@@ -1,5 +1,7 @@
 """Sample-quality evaluation (digits-FID, resumable shards, start-up checks), sharded sampling."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ from scorejax.models import make_model
 from tests.test_main import load_config
 
 
-def tiny_digits(**overrides):
+def tiny_digits(seed=None, **overrides):
   settings = {
       'training.batch_size': 16, 'training.n_iters': 4, 'training.log_freq': 2,
       'training.eval_freq': 4, 'training.snapshot_freq': 4,
@@ -20,7 +22,10 @@ def tiny_digits(**overrides):
       'eval.enable_loss': False, 'eval.enable_bpd': False,
   }
   settings.update(overrides)
-  return load_config('default', **settings)
+  config = load_config('default', **settings)
+  if seed is not None:
+    config.seed = seed
+  return config
 
 
 def test_digits_eval_gives_finite_metrics_and_resumes(tmp_path):
@@ -35,7 +40,10 @@ def test_digits_eval_gives_finite_metrics_and_resumes(tmp_path):
     assert np.isfinite(first[name]), name
   assert first['digits_fid'] > 0 and 1 <= first['digits_is'] <= 10
   # The metrics are those of the evaluator on the written samples.
-  directory = tmp_path / 'eval' / 'ckpt_4'
+  directory = run_eval_samples.samples_directory(config, tmp_path, 4)
+  assert directory.parent == tmp_path / 'eval' / 'ckpt_4'
+  settings = json.loads((directory / 'settings.json').read_text())
+  assert settings['seed'] == config.seed and settings['sampling']['num_steps'] == 8
   shards = quality.sample_shards(directory)
   samples = np.concatenate([np.load(p)['samples'] for p in shards])
   assert samples.shape == (40, 8, 8, 1) and samples.min() >= 0 and samples.max() <= 1
@@ -50,6 +58,17 @@ def test_digits_eval_gives_finite_metrics_and_resumes(tmp_path):
   assert resumed['digits_fid'] == pytest.approx(first['digits_fid'], rel=1e-9)
   again = run_eval.run(config, str(tmp_path))[0]
   assert again['sample_shards_drawn'] == 0 and 'sample_nfe' not in again
+
+  # Another seed or sampler draws its own samples; it never scores the shards above.
+  for overrides in ({'seed': 7}, {'sampling.num_steps': 4}, {'sampling.method': 'fast'}):
+    other = tiny_digits(**overrides)  # seed=7 or a 'section.field' override
+    result = run_eval.run(other, str(tmp_path))[0]
+    assert result['sample_shards_drawn'] == 3, overrides
+    assert result['digits_fid'] != pytest.approx(first['digits_fid'], rel=1e-6), overrides
+    assert run_eval_samples.samples_directory(other, tmp_path, 4) != directory
+  assert len(list((tmp_path / 'eval' / 'ckpt_4').glob('sampler_*'))) == 4
+  assert run_eval.run(config, str(tmp_path))[0]['sample_shards_drawn'] == 0
+  np.testing.assert_array_equal(np.load(shards[0])['samples'], samples[:16])
 
 
 def test_image_metrics_need_weights_and_stats(tmp_path, monkeypatch):

@@ -105,7 +105,7 @@ def test_missing_checkpoint_fails_before_writing(tmp_path):
     ({'sampling.method': 'ode', 'sampling.rtol': 0.0, 'sampling.atol': 0.0}, 'both be 0'),
     ({'sampling.n_steps_each': -1, 'sampling.corrector': 'langevin'}, 'n_corrector_steps'),
     ({'sampling.method': 'fast', 'sampling.fast_method': 'dpm_4'}, "valid choices: ['ddim'"),
-    ({'sampling.method': 'fast', 'sampling.time_grid': 'karras'}, 'unknown time_grid'),
+    ({'sampling.method': 'fast', 'sampling.time_grid': 'cosine'}, 'unknown time_grid'),
     ({'sampling.method': 'sde'}, "valid choices: ['pc', 'ode', 'fast']"),
 ])
 @pytest.mark.parametrize('runner', [run_train, run_sample, run_eval])
@@ -174,12 +174,12 @@ def test_train_sample_eval_on_smoke_config(tmp_path):
 
   results = run_eval.run(config, str(tmp_path))
   assert results[0]['step'] == 20 and np.isfinite(results[0]['eval_loss'])
-  # Sample quality of 2-D data: 32 samples in two shards of 16 (eval/ckpt_20/).
+  # Sample quality of 2-D data: 32 samples in two shards of 16 (eval/ckpt_20/sampler_*/).
   assert results[0]['sample_shards_drawn'] == 2 and results[0]['num_samples'] == 32
   assert results[0]['sample_nfe'] == 20
   for name in ('sample_swd', 'sample_mmd', 'sample_nll'):
     assert np.isfinite(results[0][name]), name
-  assert len(list((tmp_path / 'eval' / 'ckpt_20').glob('samples_*.npz'))) == 2
+  assert len(list((tmp_path / 'eval' / 'ckpt_20').glob('sampler_*/samples_*.npz'))) == 2
   # 2-D data: NLL (nats) by the exact-divergence ODE, beside the toy's true NLL. Their
   # difference estimates KL(data || model) >= 0 from 16 test points; with a log-ratio std
   # below 2 nats, two standard errors are 1 nat.
