@@ -56,7 +56,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
   sampling.eps = 1e-3  # final time of the reverse process
   sampling.ode_method = 'tsit5'  # see scorejax.sampling.ODE_METHODS
   sampling.fast_method = 'dpmpp_2m'  # method='fast': see scorejax.fast_solvers.FAST_METHODS
-  sampling.time_grid = 'logsnr'  # method='fast': 'logsnr' | 'uniform' | 'quadratic'
+  sampling.time_grid = 'logsnr'  # method='fast': 'logsnr' | 'karras' | 'uniform' | 'quadratic'
   sampling.rtol = 1e-5  # ODE relative tolerance
   sampling.atol = 1e-5  # ODE absolute tolerance
   sampling.batch_size = 64  # samples drawn per compiled call

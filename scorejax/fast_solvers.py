@@ -28,10 +28,12 @@ prediction under the integral:
   `-h^2 phi_3`, below). The first steps use the orders the history allows (1, then 2).
 
 Time grids (`TIME_GRIDS`) from `T` to `eps`: `'logsnr'` (uniform in `lambda`, the DPM-Solver
-papers' choice), `'uniform'` (uniform in `t`), `'quadratic'` (uniform in `sqrt(t)`, denser
-near `eps`). Times of given `lambda` (log-SNR grid, single-step intermediate points) are
-found by bisection of the SDE's own `marginal_prob`, so any SDE with a Gaussian kernel
-works, and the grid is computed once before the loop.
+papers' choice), `'karras'` (uniform in `sigma^(1/7)` with `sigma = sigma_t / alpha_t =
+exp(-lambda)`, the grid of Karras et al. 2022, Eq. 5, denser near `eps`), `'uniform'`
+(uniform in `t`), `'quadratic'` (uniform in `sqrt(t)`, denser near `eps`). Times of given
+`lambda` (log-SNR and Karras grids, single-step intermediate points) are found by bisection
+of the SDE's own `marginal_prob`, so any SDE with a Gaussian kernel works, and the grid is
+computed once before the loop.
 
 The sampler is one jitted program (a `lax.fori_loop` over the steps). NFE is exact:
 `n_steps` (multistep) or `order * n_steps` (single-step), plus one with `denoise` (the final
@@ -43,6 +45,8 @@ References:
   Sampling in Around 10 Steps", NeurIPS.
   Lu et al. 2022b, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
   Probabilistic Models", arXiv:2211.01095.
+  Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models"
+  (EDM), NeurIPS: the `'karras'` grid.
 """
 
 from __future__ import annotations
@@ -79,7 +83,8 @@ FAST_METHODS: dict[str, FastMethod] = {
     'dpmpp_2m': FastMethod(order=2, multistep=True),
     'dpmpp_3m': FastMethod(order=3, multistep=True),
 }
-TIME_GRIDS = ('logsnr', 'quadratic', 'uniform')
+TIME_GRIDS = ('karras', 'logsnr', 'quadratic', 'uniform')
+KARRAS_RHO = 7.0  # Karras et al. 2022, Eq. (5)
 _BISECTION_STEPS = 40  # halves [eps, T] to below float32 resolution
 
 
@@ -128,9 +133,15 @@ def sampling_times(sde: sde_lib.SDE, n_steps: int, eps: Array | float, kind: str
     return jnp.linspace(sde.T, eps, n_steps + 1)
   if kind == 'quadratic':
     return jnp.linspace(jnp.sqrt(sde.T), jnp.sqrt(eps), n_steps + 1) ** 2
-  if kind == 'logsnr':
+  if kind in ('logsnr', 'karras'):
     ends = log_snr(sde, jnp.stack([jnp.asarray(sde.T, jnp.float32), jnp.asarray(eps)]))
-    times = time_of_log_snr(sde, jnp.linspace(ends[0], ends[1], n_steps + 1), eps, sde.T)
+    if kind == 'logsnr':
+      lams = jnp.linspace(ends[0], ends[1], n_steps + 1)
+    else:  # uniform in sigma^(1 / rho), sigma = exp(-lambda) (EDM's noise level)
+      roots = jnp.linspace(jnp.exp(-ends[0] / KARRAS_RHO), jnp.exp(-ends[1] / KARRAS_RHO),
+                           n_steps + 1)
+      lams = -KARRAS_RHO * jnp.log(roots)
+    times = time_of_log_snr(sde, lams, eps, sde.T)
     return times.at[0].set(sde.T).at[-1].set(eps)  # the ends exactly
   raise ValueError(f'unknown time_grid {kind!r}; valid choices: {list(TIME_GRIDS)}')
 

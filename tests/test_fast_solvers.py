@@ -88,7 +88,7 @@ def test_ddim_is_the_ddim_paper_update():
 
 @pytest.mark.parametrize('name,method,time_grid', [
     ('vpsde', 'dpmpp_2m', 'logsnr'), ('vesde', 'dpm_solver_3', 'logsnr'),
-    ('subvpsde', 'dpmpp_3m', 'quadratic')])
+    ('subvpsde', 'dpmpp_3m', 'quadratic'), ('vesde', 'dpmpp_2m', 'karras')])
 def test_few_step_solvers_reproduce_mixture(name, method, time_grid):
   # 20 steps (dpm_solver_3: 10, i.e. 30 NFE): the law of the mixture (weights, means,
   # covariance) within the tolerances of the 1000-step samplers' tests.
@@ -131,10 +131,15 @@ def test_log_snr_grid_and_its_inverse(name):
   t = jnp.linspace(EPS, sde.T, 50)
   back = fast_solvers.time_of_log_snr(sde, fast_solvers.log_snr(sde, t), EPS, sde.T)
   np.testing.assert_allclose(back, t, rtol=1e-4, atol=1e-6)
-  for kind in ('uniform', 'quadratic'):
+  for kind in ('uniform', 'quadratic', 'karras'):
     grid = np.asarray(fast_solvers.sampling_times(sde, 7, EPS, kind))
     assert grid.shape == (8,) and np.all(np.diff(grid) < 0)
     np.testing.assert_allclose(grid[[0, -1]], [sde.T, EPS], rtol=1e-6)
+  # Karras et al. 2022, Eq. 5: sigma_i^(1/7) evenly spaced, sigma = sigma_t / alpha_t.
+  karras = fast_solvers.sampling_times(sde, 12, EPS, 'karras')
+  roots = np.exp(-np.asarray(fast_solvers.log_snr(sde, karras), np.float64) / 7)
+  np.testing.assert_allclose(np.diff(roots), np.full(12, (roots[-1] - roots[0]) / 12),
+                             rtol=2e-3)
 
 
 def test_builder_takes_params_and_is_deterministic():
@@ -155,7 +160,7 @@ def test_builder_takes_params_and_is_deterministic():
 
 @pytest.mark.parametrize('kwargs, message', [
     (dict(method='dpm_solver_4'), "valid choices: ['ddim', 'dpm_solver_2', 'dpm_solver_3'"),
-    (dict(time_grid='karras'), "valid choices: ['logsnr', 'quadratic', 'uniform']"),
+    (dict(time_grid='cosine'), "valid choices: ['karras', 'logsnr', 'quadratic', 'uniform']"),
     (dict(n_steps=0), 'n_steps must be'),
     (dict(eps=1.5), 'eps must be in (0, 1)'),
 ])
