@@ -91,11 +91,12 @@ _NOT_SAMPLER_SETTINGS = ('num_samples', 'condition', 'mask', 'n_resample')
 
 
 def sampler_settings(config) -> dict:
-  """The settings the eval samples of a checkpoint depend on, besides its parameters."""
+  """The settings the eval samples of a checkpoint depend on, besides its parameters (shard
+  `k` draws from `fold_in(key, k)`, so the shard size, rounded to the devices, counts too)."""
   sampling = {k: v for k, v in config.sampling.to_dict().items()
               if k not in _NOT_SAMPLER_SETTINGS}
   return {'seed': config.seed, 'sampling': sampling, 'model': config.model.to_dict(),
-          'data': config.data.to_dict(),
+          'data': config.data.to_dict(), 'rows_per_shard': shard_size(config),
           'training': {k: config.training[k] for k in ('sde', 'continuous')}}
 
 
