@@ -89,28 +89,23 @@ def _pc_sample_observed(key, score_fn, sde, observed, mask, basis, predictor, co
     noisy = mean + sde_lib.batch_mul(std, jax.random.normal(key, x.shape, x.dtype))
     return replace(x, noisy), replace(x_mean, mean)
 
-  step = functools.partial(
+  pc_step = functools.partial(
       sampling.pc_step, score_fn=score_fn, sde=sde, predictor=predictor, corrector=corrector,
       snr=snr, n_corrector_steps=n_corrector_steps, probability_flow=probability_flow,
       constrain=constrain)
-  timesteps = sampling.pc_times(sde, eps)
 
-  def body(i, carry):
-    t = jnp.full((observed.shape[0],), timesteps[i])
-    t_next = jnp.full_like(t, timesteps[jnp.minimum(i + 1, sde.N - 1)])
-    step_key = jax.random.fold_in(loop_key, i)
-
+  def step(key, x, t, t_next):
     def attempt(j, carry):  # RePaint: go back to t and step again, n_resample times in all
-      x, x_mean = carry
-      attempt_key = jax.random.fold_in(step_key, j)
+      x, _ = carry
+      attempt_key = jax.random.fold_in(key, j)
       x = jnp.where(j > 0, _forward_step(jax.random.fold_in(attempt_key, 2), x, t, sde), x)
-      return step(attempt_key, x, t, t_next)
+      return pc_step(attempt_key, x, t, t_next)
 
-    return jax.lax.fori_loop(0, n_resample, attempt, carry)
+    return jax.lax.fori_loop(0, n_resample, attempt, (x, x))
 
   x = sde.prior_sampling(prior_key, observed.shape)
   x, _ = constrain(init_key, x, x, jnp.full((x.shape[0],), sde.T))
-  x, x_mean = jax.lax.fori_loop(0, sde.N, body, (x, x))
+  x, x_mean = sampling.pc_loop(loop_key, x, sde, eps, step)
   return replace(x_mean if denoise else x, y_observed)
 
 
@@ -142,10 +137,8 @@ def pc_sample_observed(
       rejects.
     TypeError: for a keyword `pc_sample` does not take.
   """
-  options = checks.keyword_arguments(sampling.pc_sample, pc_options)
-  sde, n_steps = sampling.check_pc_options(sde, **options)
+  sde, options, nfe = _check_settings(sde, n_resample, pc_options)
   observed = jnp.asarray(observed, jnp.float32)
-  checks.check_count('n_resample', n_resample)
   _check_observation(observed, mask, basis)
   basis = None if basis is None else jnp.asarray(basis, jnp.float32)
   samples = _pc_sample_observed(
@@ -153,8 +146,6 @@ def pc_sample_observed(
       options['predictor'], options['corrector'], options['snr'],
       options['n_corrector_steps'], options['denoise'], options['eps'],
       options['probability_flow'], n_resample)
-  nfe = n_resample * sampling.pc_nfe(options['predictor'], options['corrector'],
-                                     options['n_corrector_steps'], n_steps)
   return samples, nfe
 
 
@@ -238,11 +229,7 @@ def make_conditional_sampler(
   Raises:
     ValueError / TypeError: as `pc_sample_observed`, for the settings (not the data).
   """
-  options = checks.keyword_arguments(sampling.pc_sample, pc_options)
-  _, n_steps = sampling.check_pc_options(sde, **options)
-  checks.check_count('n_resample', n_resample)
-  nfe = n_resample * sampling.pc_nfe(options['predictor'], options['corrector'],
-                                     options['n_corrector_steps'], n_steps)
+  _, _, nfe = _check_settings(sde, n_resample, pc_options)
 
   @jax.jit
   def sample(key, params, observed, mask):
@@ -250,6 +237,18 @@ def make_conditional_sampler(
                               n_resample=n_resample, **pc_options)[0]
 
   return lambda key, params, observed, mask: (sample(key, params, observed, mask), nfe)
+
+
+def _check_settings(sde: sde_lib.SDE, n_resample: int, pc_options: dict[str, Any]
+                    ) -> tuple[sde_lib.SDE, dict[str, Any], int]:
+  """Checks the sampler settings; returns the SDE on the grid, `pc_sample`'s options with
+  its defaults, and the NFE of one run."""
+  options = checks.keyword_arguments(sampling.pc_sample, pc_options)
+  sde, n_steps = sampling.check_pc_options(sde, **options)
+  checks.check_count('n_resample', n_resample)
+  nfe = n_resample * sampling.pc_nfe(options['predictor'], options['corrector'],
+                                     options['n_corrector_steps'], n_steps)
+  return sde, options, nfe
 
 
 def _check_observation(observed: Array, mask: Any, basis: Any) -> None:

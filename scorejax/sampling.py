@@ -66,8 +66,8 @@ def _with_steps(sde: sde_lib.SDE, n_steps: int | None) -> tuple[sde_lib.SDE, int
 
 
 def check_pc_options(sde: sde_lib.SDE, *, predictor: str, corrector: str, snr: float,
-              n_corrector_steps: int, n_steps: int | None, eps: float, probability_flow: bool,
-              **_) -> tuple[sde_lib.SDE, int]:
+                     n_corrector_steps: int, n_steps: int | None, eps: float,
+                     probability_flow: bool, **_) -> tuple[sde_lib.SDE, int]:
   """Checks `pc_sample`'s arguments before tracing; returns the SDE on the grid and `N`."""
   get_predictor(predictor)
   get_corrector(corrector)
@@ -136,14 +136,14 @@ def pc_step(
   return x, x_mean
 
 
-def pc_loop(key: Array, x: Array, score_fn: ScoreFn, sde: sde_lib.SDE, *, eps: float,
-            **step_options: Any) -> tuple[Array, Array]:
-  """The PC loop from `x` at time `T` down to `eps` on `linspace(T, eps, sde.N)`, step `i`
-  drawing from `fold_in(key, i)`: traceable, not jitted (the samplers jit it whole).
+def pc_loop(key: Array, x: Array, sde: sde_lib.SDE, eps: float,
+            step: Callable[[Array, Array, Array, Array], tuple[Array, Array]],
+            ) -> tuple[Array, Array]:
+  """The loop over the PC grid `linspace(T, eps, sde.N)` from `x` at time `T`: traceable, not
+  jitted (the samplers jit it whole).
 
-  Args:
-    step_options: the keyword arguments of `pc_step`; `t_next` is the next grid time (`eps`
-      after the last step).
+  Step `i` is `step(fold_in(key, i), x, t_i, t_{i+1}) -> (x, x_mean)` with `t [B]` (`t_{i+1}`
+  is `eps` after the last step), e.g. `pc_step` with its options bound.
 
   Returns:
     `(x, x_mean)` after the last step.
@@ -154,7 +154,7 @@ def pc_loop(key: Array, x: Array, score_fn: ScoreFn, sde: sde_lib.SDE, *, eps: f
     x, _ = carry
     t = jnp.full((x.shape[0],), timesteps[i])
     t_next = jnp.full_like(t, timesteps[jnp.minimum(i + 1, sde.N - 1)])
-    return pc_step(jax.random.fold_in(key, i), x, t, t_next, score_fn, sde, **step_options)
+    return step(jax.random.fold_in(key, i), x, t, t_next)
 
   return jax.lax.fori_loop(0, sde.N, body, (x, x))
 
@@ -173,9 +173,10 @@ def _pc_sample(key, score_fn, sde, shape, predictor, corrector, snr, n_corrector
                denoise, eps, probability_flow):
   prior_key, loop_key = jax.random.split(key)
   x = sde.prior_sampling(prior_key, shape)
-  x, x_mean = pc_loop(loop_key, x, score_fn, sde, predictor=predictor, corrector=corrector,
-                      snr=snr, n_corrector_steps=n_corrector_steps, eps=eps,
-                      probability_flow=probability_flow)
+  step = functools.partial(pc_step, score_fn=score_fn, sde=sde, predictor=predictor,
+                           corrector=corrector, snr=snr, n_corrector_steps=n_corrector_steps,
+                           probability_flow=probability_flow)
+  x, x_mean = pc_loop(loop_key, x, sde, eps, step)
   return x_mean if denoise else x
 
 
@@ -227,8 +228,8 @@ def pc_sample(
       sub-VP grid too coarse for the DDPM tables a step reads (`sde.discrete_betas`).
   """
   sde, n_steps = check_pc_options(sde, predictor=predictor, corrector=corrector, snr=snr,
-                           n_corrector_steps=n_corrector_steps, n_steps=n_steps, eps=eps,
-                           probability_flow=probability_flow)
+                                  n_corrector_steps=n_corrector_steps, n_steps=n_steps,
+                                  eps=eps, probability_flow=probability_flow)
   samples = _pc_sample(key, score_fn, sde, tuple(shape), predictor, corrector, snr,
                        n_corrector_steps, denoise, eps, probability_flow)
   return samples, pc_nfe(predictor, corrector, n_corrector_steps, n_steps)
