@@ -76,13 +76,15 @@ def test_network_in_train_mode_equals_flax_dropout(monkeypatch):
   model = make_model(config)
   x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
   labels = jnp.array([10.0, 500.0])
-  variables = model.init(jax.random.key(1), x, labels)
+  variables = jax.jit(model.init)(jax.random.key(1), x, labels)
   # init_scale=0 zeroes the conv after the dropout: perturb every weight.
   variables = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(3), p.shape),
                            variables)
-  apply = lambda: model.apply(variables, x, labels, train=True,
-                              rngs={'dropout': jax.random.key(2)})
+  # A new function per call: jit traces again after the monkeypatch.
+  apply = lambda: jax.jit(lambda v: model.apply(v, x, labels, train=True,
+                                                rngs={'dropout': jax.random.key(2)}))(variables)
   ours = apply()
   monkeypatch.setattr(blocks, 'Dropout', nn.Dropout)
   np.testing.assert_allclose(ours, apply(), rtol=1e-6, atol=1e-6)
-  assert not np.allclose(ours, model.apply(variables, x, labels, train=False), atol=1e-4)
+  eval_out = jax.jit(lambda v: model.apply(v, x, labels, train=False))(variables)
+  assert not np.allclose(ours, eval_out, atol=1e-4)

@@ -176,6 +176,7 @@ def test_every_autodiff_mode_through_winograd_equals_the_lax_convolution():
   _close(got, jax.jit(derivatives(_lax_conv))(x, w), rtol=1e-4)
 
 
+@pytest.mark.slow  # ~50 s: compiles a U-Net's value and gradient twice
 def test_a_unet_layer_stack_is_unchanged_by_winograd():
   """A DDPM++ network's output and parameter gradient with Winograd on every eligible layer
   equal the direct convolutions' (the golden networks are below the default threshold)."""
