@@ -27,7 +27,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
 
   # Training (score_sde names).
   config.training = training = ml_collections.ConfigDict()
-  training.sde = 'vpsde'  # 'vesde' | 'vpsde' | 'subvpsde'
+  training.sde = 'vpsde'  # 'vesde' | 'vpsde' | 'subvpsde' | 'cosinevpsde'
   training.continuous = True  # continuous-time DSM (False: SMLD / DDPM discrete losses)
   training.reduce_mean = True  # mean over pixels instead of sum in the per-example loss
   training.likelihood_weighting = False  # weight by g(t)^2 (Song et al. 2021b, NLL training)
@@ -111,6 +111,8 @@ def get_default_configs() -> ml_collections.ConfigDict:
   model.sigma_max = 50.0  # VE largest noise
   model.beta_min = 0.1  # VP / sub-VP beta(0)
   model.beta_max = 20.0  # VP / sub-VP beta(1)
+  model.cosine_s = 0.008  # cosine VP (training.sde='cosinevpsde'): iDDPM's offset s
+  model.logsnr_min = -10.0  # cosine VP: log(alpha^2 / sigma^2) at T (-10: as the linear VP)
   model.dropout = 0.0  # dropout rate in the residual blocks
   model.scale_by_sigma = False  # divide the output by sigma (VE)
   model.normalization = 'GroupNorm'

@@ -362,7 +362,7 @@ def smld_loss(
 
 
 def ddpm_losses(
-    model_fn: ModelFn, sde: sde_lib.VPSDE, x0: Array, labels: Array, z: Array, *,
+    model_fn: ModelFn, sde: sde_lib.VariancePreservingSDE, x0: Array, labels: Array, z: Array, *,
     reduce_mean: bool = False
 ) -> Array:
   """Per-example DDPM loss `[B]`: `||model(sqrt(a_i) x0 + sqrt(1 - a_i) z, i) - z||^2`.
@@ -379,7 +379,7 @@ def ddpm_losses(
 
 
 def ddpm_loss(
-    key: PRNGKey, model_fn: ModelFn, sde: sde_lib.VPSDE, batch: Array, *,
+    key: PRNGKey, model_fn: ModelFn, sde: sde_lib.VariancePreservingSDE, batch: Array, *,
     reduce_mean: bool = False
 ) -> tuple[Array, Metrics]:
   """DDPM loss with uniformly drawn integer steps; returns `(loss, metrics)`."""
@@ -405,7 +405,8 @@ def make_loss_fn(
   """Builds `loss_fn(params, key, batch) -> (loss, metrics)` as score_sde's `get_step_fn`.
 
   Continuous training uses `sde_loss` on the score of `models.make_score_fn`; discrete
-  training uses `smld_loss` for a `VESDE` and `ddpm_loss` for a `VPSDE`.
+  training uses `smld_loss` for a `VESDE` and `ddpm_loss` for a VP SDE (`VPSDE`,
+  `CosineVPSDE`: the DDPM loss on its discrete chain).
 
   Args:
     sde: the forward SDE.
@@ -420,7 +421,7 @@ def make_loss_fn(
     `loss_fn(params, key, batch [B, ...] or {'image': [B, ...]}) -> (loss, metrics)`.
 
   Raises:
-    ValueError: for discrete training with an SDE other than VESDE / VPSDE (or a VP grid too
+    ValueError: for discrete training with an SDE other than VESDE / VP (or a VP grid too
       coarse for the DDPM tables), likelihood weighting with discrete training, or an `eps`
       outside `(0, T)`.
   """
@@ -429,12 +430,13 @@ def make_loss_fn(
   else:
     if likelihood_weighting:
       raise ValueError('training.likelihood_weighting requires training.continuous=True')
-    if not isinstance(sde, sde_lib.VESDE | sde_lib.VPSDE):
+    if not isinstance(sde, sde_lib.VESDE | sde_lib.VariancePreservingSDE):
       raise ValueError(
           f'discrete training (training.continuous=False) is not supported for '
-          f'training.sde={type(sde).__name__}; valid choices: [VESDE (smld), VPSDE (ddpm)] '
+          f'training.sde={type(sde).__name__}; valid choices: [VESDE (smld), VPSDE or '
+          'CosineVPSDE (ddpm)] '
           'or training.continuous=True')
-    if isinstance(sde, sde_lib.VPSDE):
+    if isinstance(sde, sde_lib.VariancePreservingSDE):
       sde_lib.discrete_betas(sde)  # raises now if the grid is too coarse for the tables
 
   def loss_fn(params: Params, key: PRNGKey, batch: Array | Mapping[str, Array]):

@@ -102,13 +102,14 @@ def ancestral_sampling_update(
     x_mean = x + batch_mul(sigma**2 - adjacent_sigma**2, score)
     std = jnp.sqrt(adjacent_sigma**2 * (sigma**2 - adjacent_sigma**2) / sigma**2)
     return x_mean + batch_mul(std, noise), x_mean
-  if isinstance(sde, sde_lib.VPSDE):
+  if isinstance(sde, sde_lib.VariancePreservingSDE):
     beta = jnp.asarray(sde_lib.discrete_betas(sde, strict=True))[timestep]
     score = sde_lib.evaluate_score(score_fn, x, t)
     x_mean = batch_mul(1.0 / jnp.sqrt(1.0 - beta), x + batch_mul(beta, score))
     return x_mean + batch_mul(jnp.sqrt(beta), noise), x_mean
   raise ValueError(
-      f'ancestral_sampling supports VESDE and VPSDE only, got {type(sde).__name__}')
+      f'ancestral_sampling supports VESDE and the VP SDEs (VPSDE, CosineVPSDE) only, got '
+      f'{type(sde).__name__}')
 
 
 def none_predictor_update(
@@ -165,7 +166,7 @@ def _langevin_alpha(t: Array, sde: sde_lib.SDE) -> Array:
   The reference reads `sde.alphas` and so fails for sub-VP; sub-VP shares VP's `beta(t)`, so
   it uses the same discrete alphas `1 - beta_i / N`. VE uses alpha = 1.
   """
-  if isinstance(sde, (sde_lib.VPSDE, sde_lib.SubVPSDE)):
+  if isinstance(sde, sde_lib.VariancePreservingSDE | sde_lib.SubVPSDE):
     return jnp.asarray(1.0 - sde_lib.discrete_betas(sde))[_timestep(t, sde)]
   return jnp.ones_like(t)
 

@@ -37,6 +37,8 @@ def make_sde(config: ConfigDict) -> sde_lib.SDE:
       beta_min=config.model.beta_min,
       beta_max=config.model.beta_max,
       num_scales=config.model.num_scales,
+      cosine_s=config.model.cosine_s,
+      logsnr_min=config.model.logsnr_min,
   )
 
 

@@ -1,9 +1,10 @@
 """Forward SDEs of score-based generative models, and their reverse-time SDE / ODE.
 
-Owns the VE, VP and sub-VP SDEs of Song et al. (2021), with the vocabulary of
-`score_sde`: `sde(x, t) -> (drift, diffusion)`, `marginal_prob(x, t) -> (mean, std)`,
-`prior_sampling(key, shape)`, `prior_logp(z)`, `discretize(x, t) -> (f, G)` and
-`reverse(score_fn, probability_flow=False)`.
+Owns the VE, VP and sub-VP SDEs of Song et al. (2021) and the VP SDE of the cosine schedule
+(Nichol & Dhariwal 2021; another VP schedule is a `VariancePreservingSDE` subclass), with the
+vocabulary of `score_sde`: `sde(x, t) -> (drift, diffusion)`, `marginal_prob(x, t) ->
+(mean, std)`, `prior_sampling(key, shape)`, `prior_logp(z)`, `discretize(x, t) -> (f, G)`
+and `reverse(score_fn, probability_flow=False)`.
 
 Conventions: `x` is `[B, ...]` (images are NHWC), `t` is `[B]`; per-sample scalars
 (`diffusion`, `std`, `G`, `prior_logp`) are `[B]`. SDE objects are frozen dataclasses
@@ -13,6 +14,8 @@ References:
   Song et al. 2021, "Score-Based Generative Modeling through Stochastic Differential
   Equations", ICLR. Eq. (6) reverse SDE, Eq. (13) probability-flow ODE, Appendix B
   (VE / VP / sub-VP), Appendix E (discretizations).
+  Nichol & Dhariwal 2021, "Improved Denoising Diffusion Probabilistic Models", ICML
+  (the cosine schedule).
 """
 
 from __future__ import annotations
@@ -195,24 +198,28 @@ class VESDE(SDE):
     return jnp.zeros_like(x), jnp.sqrt(sigma**2 - adjacent_sigma**2)
 
 
-@jax.tree_util.register_static
-@dataclasses.dataclass(frozen=True)
-class VPSDE(SDE):
-  """Variance-preserving SDE: `dx = -beta(t) x / 2 dt + sqrt(beta(t)) dw`,
-  `beta(t) = beta_min + t (beta_max - beta_min)` (DDPM in the limit N -> inf)."""
+class VariancePreservingSDE(SDE):
+  """`dx = -beta(t) x / 2 dt + sqrt(beta(t)) dw` for a noise schedule `beta(t)`.
 
-  beta_min: float = 0.1
-  beta_max: float = 20.0
-  N: int = 1000
-  T: float = 1.0
+  A subclass gives the schedule as `log_mean_coeff(t) = log alpha(t) = -int_0^t beta / 2`
+  and its derivative `beta(t)`, and the `[N]` betas of its discrete DDPM chain; the SDE, the
+  perturbation kernel `N(alpha(t) x, 1 - alpha(t)^2)`, the standard normal prior, the DDPM
+  discretization and the tables below follow. Samplers, losses and the score convention of
+  `scorejax.models.make_score_fn` treat every subclass as they treat `VPSDE`.
+  """
 
-  def __post_init__(self):
-    _check_betas(self)
+  @abc.abstractmethod
+  def beta(self, t: Array) -> Array:
+    """`beta(t) = -2 d log alpha(t) / dt`."""
+
+  @abc.abstractmethod
+  def log_mean_coeff(self, t: Array) -> Array:
+    """`log alpha(t)`: the kernel's mean is `alpha(t) x`."""
 
   @property
+  @abc.abstractmethod
   def discrete_betas(self) -> np.ndarray:
-    """`[N]` DDPM betas `linspace(beta_min, beta_max, N) / N` (`discrete_betas`)."""
-    return discrete_betas(self)
+    """`[N]` betas of the discrete DDPM chain, each `< 1`."""
 
   @property
   def alphas(self) -> np.ndarray:
@@ -229,13 +236,6 @@ class VPSDE(SDE):
   @property
   def sqrt_1m_alphas_cumprod(self) -> np.ndarray:
     return np.sqrt(1.0 - self.alphas_cumprod)
-
-  def beta(self, t: Array) -> Array:
-    return self.beta_min + t * (self.beta_max - self.beta_min)
-
-  def log_mean_coeff(self, t: Array) -> Array:
-    """`log alpha(t) = -t^2 (beta_max - beta_min) / 4 - t beta_min / 2`."""
-    return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
 
   def sde(self, x, t):
     beta_t = self.beta(t)
@@ -259,6 +259,98 @@ class VPSDE(SDE):
     beta = jnp.asarray(self.discrete_betas)[index]
     alpha = jnp.asarray(self.alphas)[index]
     return batch_mul(jnp.sqrt(alpha), x) - x, jnp.sqrt(beta)
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class VPSDE(VariancePreservingSDE):
+  """Variance-preserving SDE: `dx = -beta(t) x / 2 dt + sqrt(beta(t)) dw`,
+  `beta(t) = beta_min + t (beta_max - beta_min)` (DDPM in the limit N -> inf)."""
+
+  beta_min: float = 0.1
+  beta_max: float = 20.0
+  N: int = 1000
+  T: float = 1.0
+
+  def __post_init__(self):
+    _check_betas(self)
+
+  @property
+  def discrete_betas(self) -> np.ndarray:
+    """`[N]` DDPM betas `linspace(beta_min, beta_max, N) / N` (`discrete_betas`)."""
+    return discrete_betas(self)
+
+  def beta(self, t: Array) -> Array:
+    return self.beta_min + t * (self.beta_max - self.beta_min)
+
+  def log_mean_coeff(self, t: Array) -> Array:
+    """`log alpha(t) = -t^2 (beta_max - beta_min) / 4 - t beta_min / 2`."""
+    return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+
+
+# iDDPM clips its discrete betas here: a beta near 1 would make the ancestral step divide by
+# sqrt(1 - beta) ~ 0.
+MAX_DISCRETE_BETA = 0.999
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class CosineVPSDE(VariancePreservingSDE):
+  """The VP SDE of the cosine schedule of Nichol & Dhariwal (2021), truncated at `logsnr_min`.
+
+  `alpha(t)^2 = cos^2(phi(t)) / cos^2(phi_0)` with `phi(t) = phi_0 + (phi_T - phi_0) t / T`
+  and `phi_0 = pi/2 s / (1 + s)` (iDDPM's offset `s`). iDDPM runs `phi` up to `pi/2`, where
+  `alpha = 0` and `beta(t) = 2 (phi_T - phi_0) tan(phi(t)) / T` is infinite; here `phi_T` is
+  set so that the log signal-to-noise ratio `log(alpha^2 / (1 - alpha^2))` at `T` is
+  `logsnr_min`, which keeps `beta` finite (the default -10 is the end point of the linear
+  `VPSDE(0.1, 20)`: the same distance to the standard normal prior). So `alpha(0) = 1`, the
+  kernel is exact at every `t`, and the schedule is iDDPM's up to a rescaling of time by
+  `(phi_T - phi_0) / (pi/2 - phi_0)` (0.4% at -10).
+
+  The discrete chain is iDDPM's construction on this schedule:
+  `beta_i = min(1 - alpha(t_{i+1})^2 / alpha(t_i)^2, MAX_DISCRETE_BETA)`, `t_i = i T / N`.
+
+  References:
+    Nichol & Dhariwal 2021, "Improved Denoising Diffusion Probabilistic Models", Eq. (17).
+  """
+
+  s: float = 0.008
+  logsnr_min: float = -10.0
+  N: int = 1000
+  T: float = 1.0
+
+  def __post_init__(self):
+    self._check_grid()
+    checks.check_in_range('CosineVPSDE.s', self.s, low=0.0)
+    checks.check_in_range('CosineVPSDE.logsnr_min', self.logsnr_min, low=-30.0, high=30.0)
+
+  @property
+  def phi_0(self) -> float:
+    return 0.5 * np.pi * self.s / (1.0 + self.s)
+
+  @property
+  def phi_T(self) -> float:
+    alpha_sq_T = 1.0 / (1.0 + np.exp(-self.logsnr_min))  # sigmoid(logsnr_min)
+    return float(np.arccos(np.sqrt(alpha_sq_T) * np.cos(self.phi_0)))
+
+  def _phi(self, t):
+    return self.phi_0 + (self.phi_T - self.phi_0) * t / self.T
+
+  def beta(self, t: Array) -> Array:
+    return 2.0 * (self.phi_T - self.phi_0) / self.T * jnp.tan(self._phi(t))
+
+  def log_mean_coeff(self, t: Array) -> Array:
+    # cos(phi_0 + d) / cos(phi_0) = 1 - 2 sin^2(d / 2) - tan(phi_0) sin(d), under log1p: the
+    # plain log(cos(phi(t))) - log(cos(phi_0)) loses std(t) to rounding at small t.
+    d = (self.phi_T - self.phi_0) * t / self.T
+    return jnp.log1p(-2.0 * jnp.sin(0.5 * d) ** 2 - np.tan(self.phi_0) * jnp.sin(d))
+
+  @property
+  def discrete_betas(self) -> np.ndarray:
+    phi = self.phi_0 + (self.phi_T - self.phi_0) * np.arange(self.N + 1) / self.N
+    alpha_sq = np.cos(phi) ** 2
+    betas = 1.0 - alpha_sq[1:] / alpha_sq[:-1]
+    return np.minimum(betas, MAX_DISCRETE_BETA).astype(np.float32)
 
 
 @jax.tree_util.register_static
@@ -307,17 +399,24 @@ def _check_betas(sde: VPSDE | SubVPSDE) -> None:
   checks.check_in_range(f'{name}.beta_max', sde.beta_max, low=0.0, low_open=True)
 
 
-def discrete_betas(sde: VPSDE | SubVPSDE, *, strict: bool = False) -> np.ndarray:
-  """`[N]` betas of the DDPM chain on the grid of `sde`: `linspace(beta_min, beta_max, N) / N`.
+def discrete_betas(sde: VariancePreservingSDE | SubVPSDE, *, strict: bool = False
+                   ) -> np.ndarray:
+  """`[N]` betas of the DDPM chain on the grid of `sde`.
 
-  They are the reverse-diffusion, ancestral and Langevin-corrector tables of the VP and sub-VP
-  SDEs. A chain needs every `beta_i <= 1` (`alpha_i = 1 - beta_i` goes under a square root),
-  and `< 1` with `strict` (ancestral sampling divides by `sqrt(alpha_i)`); with few steps
-  (`N` near `beta_max`) that fails, and the sampler would return NaN.
+  They are the reverse-diffusion, ancestral and Langevin-corrector tables of the VP family
+  and of sub-VP. For the linear schedule (`VPSDE`, `SubVPSDE`) they are
+  `linspace(beta_min, beta_max, N) / N`. A chain needs every `beta_i <= 1`
+  (`alpha_i = 1 - beta_i` goes under a square root), and `< 1` with `strict` (ancestral
+  sampling divides by `sqrt(alpha_i)`); with few steps (`N` near `beta_max`) the linear
+  schedule fails that, and the sampler would return NaN. Other schedules build tables that
+  stay below 1 (`sde.discrete_betas`).
 
   Raises:
-    ValueError: when a beta is too large, naming N, beta_max and the smallest valid N.
+    ValueError: when a linear-schedule beta is too large, naming N, beta_max and the
+      smallest valid N.
   """
+  if not isinstance(sde, VPSDE | SubVPSDE):
+    return sde.discrete_betas
   betas = np.linspace(sde.beta_min / sde.N, sde.beta_max / sde.N, sde.N, dtype=np.float32)
   largest = max(sde.beta_min, sde.beta_max)
   if largest / sde.N > 1 or (strict and largest / sde.N >= 1):
@@ -331,7 +430,8 @@ def discrete_betas(sde: VPSDE | SubVPSDE, *, strict: bool = False) -> np.ndarray
   return betas
 
 
-SDES: dict[str, type[SDE]] = {'vesde': VESDE, 'vpsde': VPSDE, 'subvpsde': SubVPSDE}
+SDES: dict[str, type[SDE]] = {'vesde': VESDE, 'vpsde': VPSDE, 'subvpsde': SubVPSDE,
+                              'cosinevpsde': CosineVPSDE}
 
 
 def make_sde(
@@ -342,8 +442,11 @@ def make_sde(
     beta_min: float = 0.1,
     beta_max: float = 20.0,
     num_scales: int = 1000,
+    cosine_s: float = 0.008,
+    logsnr_min: float = -10.0,
 ) -> SDE:
-  """Builds an SDE by name (`'vesde' | 'vpsde' | 'subvpsde'`, case-insensitive).
+  """Builds an SDE by name (`'vesde' | 'vpsde' | 'subvpsde' | 'cosinevpsde'`,
+  case-insensitive) with the fields that SDE reads.
 
   Raises:
     ValueError: for an unknown name, listing the valid ones.
@@ -353,4 +456,6 @@ def make_sde(
     raise ValueError(f'unknown sde {name!r}; valid choices: {sorted(SDES)}')
   if key == 'vesde':
     return VESDE(sigma_min=sigma_min, sigma_max=sigma_max, N=num_scales)
+  if key == 'cosinevpsde':
+    return CosineVPSDE(s=cosine_s, logsnr_min=logsnr_min, N=num_scales)
   return SDES[key](beta_min=beta_min, beta_max=beta_max, N=num_scales)

@@ -77,7 +77,7 @@ def _random_params(model, x, labels, seed=0):
 
 
 def _is_vp(sde) -> bool:
-  return isinstance(sde, sde_lib.VPSDE | sde_lib.SubVPSDE)
+  return isinstance(sde, sde_lib.VariancePreservingSDE | sde_lib.SubVPSDE)
 
 
 def _interleaved_best(calls: dict, repeats: int) -> dict[str, float]:

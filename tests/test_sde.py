@@ -120,7 +120,8 @@ def test_sdes_pass_through_jit_and_vmap():
 
 
 def test_make_sde_rejects_unknown_name():
-  with pytest.raises(ValueError, match="valid choices: \\['subvpsde', 'vesde', 'vpsde'\\]"):
+  valid = "valid choices: \\['cosinevpsde', 'subvpsde', 'vesde', 'vpsde'\\]"
+  with pytest.raises(ValueError, match=valid):
     sde_lib.make_sde('edm')
   assert sde_lib.make_sde('VPSDE', num_scales=10).N == 10
 

@@ -45,7 +45,8 @@ def make_score_fn(model_fn: ModelFn, sde: sde_lib.SDE, continuous: bool = True) 
 
   Args:
     model_fn: `model_fn(x [B, ...], labels [B]) -> out [B, ...]`.
-    sde: a `VESDE`, `VPSDE` or `SubVPSDE`.
+    sde: a `VESDE`, a VP SDE (`VPSDE`, `CosineVPSDE`, any `VariancePreservingSDE`) or a
+      `SubVPSDE`.
     continuous: whether the network was trained with continuous time labels.
 
   Returns:
@@ -54,7 +55,7 @@ def make_score_fn(model_fn: ModelFn, sde: sde_lib.SDE, continuous: bool = True) 
   Raises:
     TypeError: for an SDE class without a known label convention.
   """
-  if isinstance(sde, sde_lib.VPSDE | sde_lib.SubVPSDE):
+  if isinstance(sde, sde_lib.VariancePreservingSDE | sde_lib.SubVPSDE):
     if continuous or isinstance(sde, sde_lib.SubVPSDE):
 
       def score_fn(x: Array, t: Array) -> Array:
@@ -88,4 +89,4 @@ def make_score_fn(model_fn: ModelFn, sde: sde_lib.SDE, continuous: bool = True) 
     return score_fn
 
   raise TypeError(f'no score convention for SDE {type(sde).__name__}; '
-                  'valid: VESDE, VPSDE, SubVPSDE')
+                  'valid: VESDE, VariancePreservingSDE (VPSDE, CosineVPSDE), SubVPSDE')
