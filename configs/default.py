@@ -31,6 +31,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
   training.continuous = True  # continuous-time DSM (False: SMLD / DDPM discrete losses)
   training.reduce_mean = True  # mean over pixels instead of sum in the per-example loss
   training.likelihood_weighting = False  # weight by g(t)^2 (Song et al. 2021b, NLL training)
+  training.importance_weighting = False  # with it: t drawn from g^2 / std^2 (lower variance)
   training.eps = 1e-5  # smallest training time t ~ U[eps, T]
   training.batch_size = 128  # global batch size (all devices / hosts)
   training.n_iters = 8000  # total optimizer steps

@@ -124,7 +124,7 @@ def make_loss_fn(config: ConfigDict, model, sde: sde_lib.SDE, *, train: bool = T
   loss_fn = losses.make_loss_fn(
       sde, model, train=train, reduce_mean=training.reduce_mean,
       continuous=training.continuous, likelihood_weighting=training.likelihood_weighting,
-      eps=training.eps,
+      importance_weighting=training.importance_weighting, eps=training.eps,
   )
   return lambda key, params, batch: loss_fn(params, key, batch)
 

@@ -89,6 +89,16 @@ class SDE(abc.ABC):
     """The reverse-time SDE (Eq. 6) or, with `probability_flow`, the ODE (Eq. 13)."""
     return ReverseSDE(self, score_fn, probability_flow)
 
+  def likelihood_weight_integral(self, t: Array) -> Array:
+    """`F(t)`, increasing, with `dF/dt = g(t)^2 / std(t)^2` (up to a constant).
+
+    The density `g^2 / std^2 / (F(T) - F(eps))` on `[eps, T]` is the importance sampler of
+    the likelihood-weighted loss (`losses.sde_loss(..., importance_weighting=True)`).
+    """
+    raise NotImplementedError(
+        f'{type(self).__name__} has no likelihood_weight_integral; importance weighting '
+        'needs one')
+
 
 def evaluate_score(score_fn: ScoreFn, x: Array, t: Array) -> Array:
   """`score_fn(x, t)`, checked (at trace time, for free) to have the shape of `x`.
@@ -189,6 +199,10 @@ class VESDE(SDE):
   def prior_logp(self, z):
     return _standard_normal_logp(z, self.sigma_max)
 
+  def likelihood_weight_integral(self, t):
+    # g^2 / sigma^2 = 2 log(sigma_max / sigma_min) for all t: F = log sigma(t)^2.
+    return 2.0 * jnp.log(self.sigma(t))
+
   def discretize(self, x, t):
     """SMLD discretization: `G_i = sqrt(sigma_i^2 - sigma_{i-1}^2)`, `sigma_{-1} = 0`."""
     index = _discrete_index(t, self.N, self.T)
@@ -252,6 +266,12 @@ class VariancePreservingSDE(SDE):
 
   def prior_logp(self, z):
     return _standard_normal_logp(z)
+
+  def likelihood_weight_integral(self, t):
+    # g^2 / std^2 = beta / (1 - alpha^2) and d alpha^2 / dt = -beta alpha^2, so
+    # F = log(1 - alpha^2) - log alpha^2: minus the log signal-to-noise ratio.
+    log_alpha_sq = 2.0 * self.log_mean_coeff(t)
+    return jnp.log(-jnp.expm1(log_alpha_sq)) - log_alpha_sq
 
   def discretize(self, x, t):
     """DDPM discretization: `x_{i+1} = sqrt(1 - beta_i) x_i + sqrt(beta_i) z`."""
@@ -390,6 +410,12 @@ class SubVPSDE(SDE):
 
   def prior_logp(self, z):
     return _standard_normal_logp(z)
+
+  def likelihood_weight_integral(self, t):
+    # std = 1 - alpha^2 and g^2 = beta (1 - alpha^4): g^2 / std^2 = beta (1 + alpha^2) /
+    # (1 - alpha^2), whose integral is 2 log(1 - alpha^2) - log alpha^2.
+    log_alpha_sq = 2.0 * self.log_mean_coeff(t)
+    return 2.0 * jnp.log(-jnp.expm1(log_alpha_sq)) - log_alpha_sq
 
 
 def _check_betas(sde: VPSDE | SubVPSDE) -> None:

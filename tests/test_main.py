@@ -135,6 +135,7 @@ def test_bad_sde_and_likelihood_settings_fail_before_writing(tmp_path):
 @pytest.mark.parametrize('overrides, expected', [
     ({'training.eps': 0.0}, 'eps must be in (0, 1)'),
     ({'training.continuous': False, 'model.num_scales': 10}, 'use N >= 20'),
+    ({'training.importance_weighting': True}, 'requires training.likelihood_weighting=True'),
 ])
 def test_training_rejects_bad_objective_settings_up_front(tmp_path, overrides, expected):
   with pytest.raises(ValueError, match=r'^training settings: ') as error:
