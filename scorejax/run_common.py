@@ -8,7 +8,9 @@ library modules then use without ever seeing the config.
 from __future__ import annotations
 
 import functools
+import json
 import math
+import pathlib
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +42,54 @@ def make_sde(config: ConfigDict) -> sde_lib.SDE:
       cosine_s=config.model.cosine_s,
       logsnr_min=config.model.logsnr_min,
   )
+
+
+# Model fields that only training reads; every other `model.*` field shapes the network or
+# the score convention.
+_TRAINING_ONLY_MODEL_FIELDS = frozenset({'ema_rate', 'dropout'})
+
+
+def _meaning_settings(config: dict) -> dict[str, Any]:
+  """The settings that give a checkpoint its meaning, as `{'section.field': value}`."""
+  training, model, data = config['training'], config['model'], config['data']
+  settings = {'training.sde': training['sde'], 'training.continuous': training['continuous']}
+  for field in ('image_size', 'num_channels', 'centered'):
+    settings[f'data.{field}'] = data[field]
+  for field, value in model.items():
+    # Continuous-time networks take t, not a step index: N only sets the sampler's steps.
+    if field in _TRAINING_ONLY_MODEL_FIELDS or (field == 'num_scales' and training['continuous']):
+      continue
+    settings[f'model.{field}'] = value
+  return settings
+
+
+def check_trained_settings(config: ConfigDict, source: str | pathlib.Path) -> None:
+  """Fails when `config` defines the model otherwise than the run that trained `source`.
+
+  `source` is a workdir, its `checkpoints` directory or a step directory; the training run's
+  config is the workdir's `config.json` (written by `main.py --mode=train`). The same
+  parameters under another SDE, time convention, network or data scaling give wrong samples
+  and numbers without any error, so sampling and evaluation stop here instead. Settings the
+  training config does not have (a config written by an older scorejax) are not compared;
+  nothing is checked without a `config.json` (imported checkpoints).
+
+  Raises:
+    ValueError: one line naming each differing field, its trained and its current value.
+  """
+  source = pathlib.Path(source)
+  workdir = source.parent.parent if (source / 'state').is_dir() else \
+      source.parent if source.name == 'checkpoints' else source
+  path = workdir / 'config.json'
+  if not path.is_file():
+    return
+  trained = _meaning_settings(json.loads(path.read_text()))
+  current = _meaning_settings(json.loads(config.to_json_best_effort()))
+  differ = [k for k in sorted(trained) if k in current and trained[k] != current[k]]
+  if differ:
+    fields = ', '.join(f'{k}={trained[k]!r} (here {current[k]!r})' for k in differ)
+    flags = ' '.join(f'--config.{k}={json.dumps(trained[k])}' for k in differ)
+    raise ValueError(f'the model in {workdir} was trained with {fields} ({path}); its '
+                     f'parameters mean something else under other settings: pass {flags}')
 
 
 def is_toy(config: ConfigDict) -> bool:

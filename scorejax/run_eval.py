@@ -198,7 +198,8 @@ def validate(config, workdir: str) -> None:
   Raises:
     FileNotFoundError: a missing checkpoint or metrics file (one line).
     DatasetNotPreparedError: the data is not available locally.
-    ValueError: sampler settings the sampler rejects, or bad `eval.rtol` / `eval.atol`.
+    ValueError: sampler settings the sampler rejects, bad `eval.rtol` / `eval.atol`, or model
+      settings other than the training run's (`run_common.check_trained_settings`).
   """
   run_common.make_sde(config)
   if config.eval.enable_sampling:
@@ -209,11 +210,12 @@ def validate(config, workdir: str) -> None:
     except ValueError as error:
       raise ValueError(f'likelihood settings (eval.rtol, eval.atol): {error}') from None
   run_eval_samples.validate(config)
+  source = pathlib.Path(config.sampling.checkpoint) if config.sampling.checkpoint else \
+      pathlib.Path(workdir)
+  run_common.check_trained_settings(config, source)
   if config.eval.enable_loss or config.eval.enable_bpd:
     run_common.make_data(config, 'test', config.eval.batch_size, num_epochs=1, shuffle=False)
   if not config.eval.watch:
-    source = pathlib.Path(config.sampling.checkpoint) if config.sampling.checkpoint else \
-        pathlib.Path(workdir)
     checkpoints.find_step_dir(source, config.sampling.checkpoint_step or None)
 
 

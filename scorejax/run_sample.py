@@ -37,11 +37,13 @@ def validate(config, workdir: str) -> None:
 
   Raises:
     FileNotFoundError: no such checkpoint (one line naming where it looked).
-    ValueError: sampler settings the sampler rejects (`run_common.check_sampling`).
+    ValueError: sampler settings the sampler rejects (`run_common.check_sampling`), or model
+      settings other than the training run's (`run_common.check_trained_settings`).
   """
   run_common.check_sampling(config)
   if config.sampling.condition:
     run_conditional.check_condition(config)
+  run_common.check_trained_settings(config, checkpoint_source(config, pathlib.Path(workdir)))
   checkpoints.find_step_dir(checkpoint_source(config, pathlib.Path(workdir)),
                             config.sampling.checkpoint_step or None)
 

@@ -28,7 +28,7 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from scorejax import distributed, images, run_common, toy_data
+from scorejax import checkpoints, distributed, images, run_common, toy_data
 from scorejax.checkpoints import Checkpointer
 from scorejax.logging_utils import MetricWriter, read_jsonl
 from scorejax.models import make_model
@@ -129,12 +129,18 @@ def validate(config, workdir: str) -> None:
   """Fails before anything is written on bad frequencies or data that is not prepared.
 
   Raises:
-    ValueError: inconsistent frequencies or batch size, bad SDE or snapshot-sampler settings.
+    ValueError: inconsistent frequencies or batch size, bad SDE or snapshot-sampler settings,
+      or (resuming) model settings other than the checkpoint's.
     DatasetNotPreparedError: the data is not available locally (says how to prepare it).
   """
-  del workdir
   _check_frequencies(config.training)
   sde = run_common.make_sde(config)
+  try:  # resuming: the checkpoint must keep its meaning
+    checkpoints.find_step_dir(workdir)
+  except FileNotFoundError:
+    pass
+  else:
+    run_common.check_trained_settings(config, workdir)
   try:  # the objective's own checks; the model is only needed when the loss is called
     run_common.make_loss_fn(config, None, sde)
   except ValueError as error:

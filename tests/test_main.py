@@ -214,6 +214,61 @@ def test_cosine_sde_trains_and_samples(tmp_path, continuous):
   assert not (tmp_path / 'bad').exists()
 
 
+def _write_trained_config(workdir, config):
+  """What `main.py --mode=train` leaves: the resolved config in `config.json`."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / 'config.json').write_text(config.to_json_best_effort())
+
+
+@pytest.mark.parametrize('runner', [run_sample, run_eval])
+def test_inference_under_other_model_settings_fails_up_front(tmp_path, runner):
+  _write_trained_config(tmp_path, load_config(**{'training.sde': 'cosinevpsde'}))
+  with pytest.raises(ValueError, match=r"trained with training.sde='cosinevpsde' \(here "
+                                       r"'vpsde'\).*pass --config.training.sde=\"cosinevpsde\""):
+    runner.validate(load_config(), str(tmp_path))
+  # Same model: the next check runs (no checkpoint yet). Sampler settings and, for a
+  # continuous-time network, N may differ.
+  same = load_config(**{'training.sde': 'cosinevpsde', 'model.num_scales': 50,
+                        'sampling.method': 'ode', 'sampling.snr': 0.2})
+  with pytest.raises(FileNotFoundError):
+    runner.validate(same, str(tmp_path))
+  # A discrete-time network reads N.
+  _write_trained_config(tmp_path, load_config(**{'training.continuous': False}))
+  with pytest.raises(ValueError, match=r'model.num_scales=1000 \(here 500\)'):
+    runner.validate(load_config(**{'training.continuous': False, 'model.num_scales': 500}),
+                    str(tmp_path))
+  # A step directory given as sampling.checkpoint finds its workdir's config.
+  step_dir = tmp_path / 'checkpoints' / '10' / 'state'
+  step_dir.mkdir(parents=True)
+  other = load_config(**{'training.continuous': False, 'model.hidden': 32,
+                         'sampling.checkpoint': str(step_dir.parent)})
+  with pytest.raises(ValueError, match=r'model.hidden=16 \(here 32\)'):
+    runner.validate(other, str(tmp_path / 'elsewhere'))
+
+
+def test_settings_an_older_config_lacks_are_not_compared(tmp_path):
+  config = json.loads(load_config().to_json_best_effort())
+  del config['model']['cosine_s'], config['model']['logsnr_min']
+  (tmp_path / 'config.json').write_text(json.dumps(config))
+  with pytest.raises(FileNotFoundError):
+    run_sample.validate(load_config(), str(tmp_path))
+
+
+def test_resuming_under_other_model_settings_fails_before_writing(tmp_path):
+  workdir = tmp_path / 'run'
+  run_main(f'--workdir={workdir}', '--config=configs/smoke.py', '--config.training.n_iters=5',
+           timeout=180)
+  before = sorted(p.name for p in workdir.iterdir())
+  result = run_main(f'--workdir={workdir}', '--config=configs/smoke.py',
+                    '--config.training.n_iters=10', '--config.training.sde=subvpsde',
+                    check=False, timeout=120)
+  assert result.returncode == 1 and 'Traceback' not in result.stderr
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith('main.py: error: the model in ') and 'training.sde' in last
+  assert sorted(p.name for p in workdir.iterdir()) == before
+  assert json.loads((workdir / 'config.json').read_text())['training']['sde'] == 'vpsde'
+
+
 @pytest.mark.parametrize('dataset, centered, expected', [
     ('digits', True, np.log2(17) - 1.0), ('cifar10', True, 7.0), ('cifar10', False, 8.0)])
 def test_bits_per_dim_offset(dataset, centered, expected):
