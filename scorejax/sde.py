@@ -281,11 +281,9 @@ class VariancePreservingSDE(SDE):
     return batch_mul(jnp.sqrt(alpha), x) - x, jnp.sqrt(beta)
 
 
-@jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
-class VPSDE(VariancePreservingSDE):
-  """Variance-preserving SDE: `dx = -beta(t) x / 2 dt + sqrt(beta(t)) dw`,
-  `beta(t) = beta_min + t (beta_max - beta_min)` (DDPM in the limit N -> inf)."""
+class _LinearBetas:
+  """The linear schedule `beta(t) = beta_min + t (beta_max - beta_min)` of VP and sub-VP."""
 
   beta_min: float = 0.1
   beta_max: float = 20.0
@@ -295,17 +293,24 @@ class VPSDE(VariancePreservingSDE):
   def __post_init__(self):
     _check_betas(self)
 
-  @property
-  def discrete_betas(self) -> np.ndarray:
-    """`[N]` DDPM betas `linspace(beta_min, beta_max, N) / N` (`discrete_betas`)."""
-    return discrete_betas(self)
-
   def beta(self, t: Array) -> Array:
     return self.beta_min + t * (self.beta_max - self.beta_min)
 
   def log_mean_coeff(self, t: Array) -> Array:
     """`log alpha(t) = -t^2 (beta_max - beta_min) / 4 - t beta_min / 2`."""
     return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class VPSDE(_LinearBetas, VariancePreservingSDE):
+  """Variance-preserving SDE: `dx = -beta(t) x / 2 dt + sqrt(beta(t)) dw`,
+  `beta(t) = beta_min + t (beta_max - beta_min)` (DDPM in the limit N -> inf)."""
+
+  @property
+  def discrete_betas(self) -> np.ndarray:
+    """`[N]` DDPM betas `linspace(beta_min, beta_max, N) / N` (`discrete_betas`)."""
+    return discrete_betas(self)
 
 
 # iDDPM clips its discrete betas here: a beta near 1 would make the ancestral step divide by
@@ -375,26 +380,12 @@ class CosineVPSDE(VariancePreservingSDE):
 
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
-class SubVPSDE(SDE):
+class SubVPSDE(_LinearBetas, SDE):
   """Sub-VP SDE: `dx = -beta(t) x / 2 dt + sqrt(beta(t) (1 - exp(-2 int_0^t beta))) dw`.
 
   Its marginal variance is bounded by the VP one; `marginal_prob` returns the std
   `1 - exp(2 log alpha(t))`. Uses the Euler-Maruyama `discretize`.
   """
-
-  beta_min: float = 0.1
-  beta_max: float = 20.0
-  N: int = 1000
-  T: float = 1.0
-
-  def __post_init__(self):
-    _check_betas(self)
-
-  def beta(self, t: Array) -> Array:
-    return self.beta_min + t * (self.beta_max - self.beta_min)
-
-  def log_mean_coeff(self, t: Array) -> Array:
-    return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
 
   def sde(self, x, t):
     beta_t = self.beta(t)
