@@ -73,17 +73,21 @@ def test_discrete_chain_is_iddpm_construction():
   # The chain's cumulative alphas are the continuous schedule at t_{i+1} = (i + 1) / N.
   grid = np.arange(1, SDE.N + 1) / SDE.N
   np.testing.assert_allclose(SDE.alphas_cumprod, _alpha_bar(SDE, grid), rtol=2e-3, atol=1e-7)
-  # Far out (log-SNR -30 at T) the schedule is iDDPM's own, and so is its clipped table.
-  far = sde_lib.CosineVPSDE(logsnr_min=-30.0)
+  # Far out (log-SNR -20 at T) the schedule is iDDPM's up to the last steps (time rescaled by
+  # 3e-5), and so is its table, clipped at the end as iDDPM's.
+  far = sde_lib.CosineVPSDE(logsnr_min=-20.0)
   steps = np.arange(SDE.N + 1) / SDE.N
   alpha_bar = _iddpm_alpha_bar(steps)
   iddpm = np.minimum(1 - alpha_bar[1:] / alpha_bar[:-1], sde_lib.MAX_DISCRETE_BETA)
-  np.testing.assert_allclose(far.discrete_betas, iddpm, rtol=1e-3, atol=1e-7)
+  np.testing.assert_allclose(far.discrete_betas[:990], iddpm[:990], rtol=3e-3)
+  np.testing.assert_allclose(far.discrete_betas, iddpm, rtol=1e-2)
+  assert iddpm[-1] == sde_lib.MAX_DISCRETE_BETA
   assert far.discrete_betas[-1] == np.float32(sde_lib.MAX_DISCRETE_BETA)
 
 
 @pytest.mark.parametrize('field, value, message', [
-    ('s', -0.1, 'CosineVPSDE.s'), ('logsnr_min', 50.0, 'CosineVPSDE.logsnr_min'),
+    ('s', -0.1, 'CosineVPSDE.s'), ('logsnr_min', 0.0, 'CosineVPSDE.logsnr_min'),
+    ('logsnr_min', -25.0, 'CosineVPSDE.logsnr_min'),
     ('logsnr_min', float('nan'), 'CosineVPSDE.logsnr_min'), ('N', 0, 'CosineVPSDE.N')])
 def test_bad_fields_are_named(field, value, message):
   with pytest.raises(ValueError, match=message):

@@ -208,8 +208,8 @@ def test_cosine_sde_trains_and_samples(tmp_path, continuous):
   out = run_sample.run(config, str(tmp_path))
   samples = np.load(out['path'])['samples']
   assert samples.shape == (32, 2) and np.isfinite(samples).all() and out['nfe'] == [20, 20]
-  bad = load_config(**{'training.sde': 'cosinevpsde', 'model.logsnr_min': 40.0})
-  with pytest.raises(ValueError, match=r'CosineVPSDE.logsnr_min must be in \[-30'):
+  bad = load_config(**{'training.sde': 'cosinevpsde', 'model.logsnr_min': 5.0})
+  with pytest.raises(ValueError, match=r'CosineVPSDE.logsnr_min must be in \[-20, 0\)'):
     run_train.validate(bad, str(tmp_path / 'bad'))
   assert not (tmp_path / 'bad').exists()
 
