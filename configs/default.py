@@ -65,6 +65,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
   sampling.condition = ''  # --mode=sample: '' | 'inpaint' | 'colorize' test images
   sampling.mask = 'right_half'  # inpaint: 'right_half' | 'bottom_half' | 'center' | 'random'
   sampling.n_resample = 1  # condition: RePaint resampling rounds per step (NFE x n_resample)
+  sampling.guidance = 0.0  # condition: reconstruction guidance weight (0 = off; corrector none)
   sampling.checkpoint = ''  # sample/eval from this path ('' = the workdir's checkpoints)
   sampling.checkpoint_step = 0  # sample/eval this step (0 = the newest)
   sampling.use_ema = True  # sample with the EMA parameters

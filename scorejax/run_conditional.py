@@ -4,12 +4,12 @@
 Takes the first `sampling.num_samples` images of the test split (in order, no
 dequantization), hides part of each (`sampling.mask` for inpainting; the colour, keeping the
 channel mean, for colorization) and completes them with the PC sampler of `sampling.*`
-(`scorejax.conditional`; `sampling.n_resample` > 1 adds RePaint resampling), each batch split
-over all devices. Writes `samples/<condition>_<step>.npz` (`samples`, `originals`,
-`observed`: the known pixels with the hidden ones mid-gray, or the gray image; for
-inpainting `mask` `[N, H, W, 1]`, 1 = known; images NHWC in [0, 1]; `nfe` per batch) and
-`samples/<condition>_<step>.png` (rows of originals, inputs and completions). The same seed
-and checkpoint give the same completions.
+(`scorejax.conditional`; `sampling.n_resample` > 1 adds RePaint resampling,
+`sampling.guidance` > 0 reconstruction guidance), each batch split over all devices. Writes
+`samples/<condition>_<step>.npz` (`samples`, `originals`, `observed`: the known pixels with
+the hidden ones mid-gray, or the gray image; for inpainting `mask` `[N, H, W, 1]`, 1 = known;
+images NHWC in [0, 1]; `nfe` per batch) and `samples/<condition>_<step>.png` (rows of
+originals, inputs and completions). The same seed and checkpoint give the same completions.
 """
 
 from __future__ import annotations
@@ -53,6 +53,12 @@ def check_condition(config) -> None:
                      f'{list(conditional.MASKS)}')
   if s.n_resample < 1:
     raise ValueError(f'sampling.n_resample must be >= 1, got {s.n_resample}')
+  if not s.guidance >= 0:
+    raise ValueError(f'sampling.guidance must be >= 0, got {s.guidance}')
+  if s.guidance and (s.corrector.lower() != 'none' or s.predictor.lower() == 'none'):
+    raise ValueError(f"sampling.guidance > 0 needs sampling.corrector='none' and a predictor, "
+                     f'got sampling.predictor={s.predictor!r}, sampling.corrector='
+                     f'{s.corrector!r}')
 
 
 def _test_images(config, count: int) -> np.ndarray:
@@ -92,7 +98,8 @@ def _make_sampler(config, model, sde, mesh):
   basis = (conditional.colorization_basis(config.data.num_channels)
            if s.condition == 'colorize' else None)
   sampler = conditional.make_conditional_sampler(
-      builder, sde, basis=basis, n_resample=s.n_resample, predictor=s.predictor.lower(),
+      builder, sde, basis=basis, n_resample=s.n_resample, guidance=float(s.guidance),
+      predictor=s.predictor.lower(),
       corrector=s.corrector.lower(), snr=s.snr, n_corrector_steps=s.n_steps_each,
       n_steps=s.num_steps or None, denoise=s.noise_removal, eps=s.eps,
       probability_flow=s.probability_flow)

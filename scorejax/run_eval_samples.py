@@ -87,7 +87,7 @@ def validate(config) -> None:
 
 
 # Sample-mode settings that do not change the samples of --mode=eval.
-_NOT_SAMPLER_SETTINGS = ('num_samples', 'condition', 'mask', 'n_resample')
+_NOT_SAMPLER_SETTINGS = ('num_samples', 'condition', 'mask', 'n_resample', 'guidance')
 
 
 def sampler_settings(config) -> dict:

@@ -441,9 +441,11 @@ def test_sample_mode_completes_test_images(tmp_path, condition, monkeypatch):
     law = analytic.GaussianMixture.gaussian(np.zeros((8, 8, 3), np.float32), 0.04)
     exact = lambda model, sde, continuous: (lambda params: law.score_fn(sde))
     monkeypatch.setattr(run_common, 'score_fn_builder', exact)
+  # Inpainting with RePaint rounds and reconstruction guidance together.
   config = load_config(**data, **{'sampling.condition': condition, 'sampling.num_samples': 5,
                                   'sampling.batch_size': 4, 'sampling.n_resample': 2,
-                                  'sampling.mask': 'bottom_half'})
+                                  'sampling.mask': 'bottom_half',
+                                  'sampling.guidance': 2.0 if condition == 'inpaint' else 0.0})
   run_sample.validate(config, str(workdir))
   out = run_sample.run(config, str(workdir))
   assert out['path'].endswith(f'{condition}_20.npz') and out['nfe'] == [40, 40]
@@ -481,6 +483,9 @@ def test_sample_mode_completes_test_images(tmp_path, condition, monkeypatch):
       'sampling.mask': 'left'}, "unknown sampling.mask 'left'"),
     ({'sampling.condition': 'inpaint', 'data.dataset': 'digits', 'data.num_channels': 1,
       'sampling.n_resample': 0}, 'sampling.n_resample must be >= 1'),
+    ({'sampling.condition': 'inpaint', 'data.dataset': 'digits', 'data.num_channels': 1,
+      'sampling.guidance': 1.0, 'sampling.corrector': 'langevin'},
+     "sampling.guidance > 0 needs sampling.corrector='none'"),
 ])
 def test_bad_conditional_settings_fail_up_front(tmp_path, overrides, expected):
   with pytest.raises(ValueError, match='sampling') as error:
