@@ -325,8 +325,8 @@ def sde_losses(
   With `importance_weighting`, `t` was drawn from the density `g^2 / std^2 / Z` on
   `[eps, T]` (`importance_times`) and the likelihood-weighted loss is divided by
   `(T - eps)` times that density: `Z / (T - eps) ||std s + z||^2`, whose expectation is
-  the likelihood-weighted loss's under `t ~ U[eps, T]`, without the variance of `g^2 / std^2`
-  (which spans ~10 orders of magnitude on the VP SDE).
+  the likelihood-weighted loss's under `t ~ U[eps, T]`, without the variance of the factor
+  `g^2 / std^2` (~1/t near t = 0 on the VP SDEs: from ~20 at T to ~1e5 at eps = 1e-5).
   Reduced over dimensions by the mean, or by half the sum (`reduce_mean=False`).
 
   References:
@@ -483,8 +483,9 @@ def make_loss_fn(
 
   Raises:
     ValueError: for discrete training with an SDE other than VESDE / VP (or a VP grid too
-      coarse for the DDPM tables), likelihood weighting with discrete training, or an `eps`
-      outside `(0, T)`.
+      coarse for the DDPM tables), likelihood or importance weighting with discrete
+      training, importance weighting without likelihood weighting, or an `eps` outside
+      `(0, T)`.
   """
   if continuous:
     checks.check_time('eps', eps, sde.T)

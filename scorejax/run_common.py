@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
 from scorejax import datasets, distributed, fast_solvers, sampling
 from scorejax import sde as sde_lib
@@ -50,14 +51,16 @@ _TRAINING_ONLY_MODEL_FIELDS = frozenset({'ema_rate', 'dropout'})
 
 
 def _meaning_settings(config: dict) -> dict[str, Any]:
-  """The settings that give a checkpoint its meaning, as `{'section.field': value}`."""
-  training, model, data = config['training'], config['model'], config['data']
-  settings = {'training.sde': training['sde'], 'training.continuous': training['continuous']}
-  for field in ('image_size', 'num_channels', 'centered'):
-    settings[f'data.{field}'] = data[field]
+  """The settings that give a checkpoint its meaning, as `{'section.field': value}` (those
+  `config` has)."""
+  training, model, data = (config.get(name, {}) for name in ('training', 'model', 'data'))
+  settings = {f'training.{k}': training[k] for k in ('sde', 'continuous') if k in training}
+  settings.update({f'data.{k}': data[k] for k in ('image_size', 'num_channels', 'centered')
+                   if k in data})
   for field, value in model.items():
     # Continuous-time networks take t, not a step index: N only sets the sampler's steps.
-    if field in _TRAINING_ONLY_MODEL_FIELDS or (field == 'num_scales' and training['continuous']):
+    if field in _TRAINING_ONLY_MODEL_FIELDS or (
+        field == 'num_scales' and training.get('continuous', True)):
       continue
     settings[f'model.{field}'] = value
   return settings
@@ -82,7 +85,11 @@ def check_trained_settings(config: ConfigDict, source: str | pathlib.Path) -> No
   path = workdir / 'config.json'
   if not path.is_file():
     return
-  trained = _meaning_settings(json.loads(path.read_text()))
+  try:
+    trained = _meaning_settings(json.loads(path.read_text()))
+  except (ValueError, AttributeError) as error:  # not a config written by main.py
+    logging.warning('not comparing the model settings with %s: %s', path, error)
+    return
   current = _meaning_settings(json.loads(config.to_json_best_effort()))
   differ = [k for k in sorted(trained) if k in current and trained[k] != current[k]]
   if differ:
