@@ -186,6 +186,15 @@ def make_loss_fn(config: ConfigDict, model, sde: sde_lib.SDE, *, train: bool = T
   return lambda key, params, batch: loss_fn(params, key, batch)
 
 
+def pc_options(config: ConfigDict) -> dict[str, Any]:
+  """The keyword arguments of `sampling.pc_sample` that `sampling.*` sets (the conditional
+  samplers take them too)."""
+  s = config.sampling
+  return dict(predictor=s.predictor.lower(), corrector=s.corrector.lower(), snr=s.snr,
+              n_corrector_steps=s.n_steps_each, n_steps=s.num_steps or None,
+              denoise=s.noise_removal, eps=s.eps, probability_flow=s.probability_flow)
+
+
 def make_sampler(
     config: ConfigDict, model, sde: sde_lib.SDE, shape: tuple[int, ...],
     builder: Callable[[Params], Callable] | None = None,
@@ -201,11 +210,7 @@ def make_sampler(
   builder = builder or score_fn_builder(model, sde, config.training.continuous)
   n_steps = s.num_steps or None
   if s.method.lower() == 'pc':
-    return sampling.make_pc_sampler(
-        builder, sde, shape, predictor=s.predictor.lower(), corrector=s.corrector.lower(),
-        snr=s.snr, n_corrector_steps=s.n_steps_each, n_steps=n_steps, denoise=s.noise_removal,
-        eps=s.eps, probability_flow=s.probability_flow,
-    )
+    return sampling.make_pc_sampler(builder, sde, shape, **pc_options(config))
   if s.method.lower() == 'ode':
     return sampling.make_ode_sampler(
         builder, sde, shape, rtol=s.rtol, atol=s.atol, eps=s.eps, method=s.ode_method.lower(),

@@ -99,10 +99,7 @@ def _make_sampler(config, model, sde, mesh):
            if s.condition == 'colorize' else None)
   sampler = conditional.make_conditional_sampler(
       builder, sde, basis=basis, n_resample=s.n_resample, guidance=float(s.guidance),
-      predictor=s.predictor.lower(),
-      corrector=s.corrector.lower(), snr=s.snr, n_corrector_steps=s.n_steps_each,
-      n_steps=s.num_steps or None, denoise=s.noise_removal, eps=s.eps,
-      probability_flow=s.probability_flow)
+      **run_common.pc_options(config))
   rows, replicated = distributed.batch_sharding(mesh), distributed.replicated_sharding(mesh)
   return jax.jit(sampler, in_shardings=(replicated, replicated, rows, rows),
                  out_shardings=(rows, replicated))

@@ -114,20 +114,25 @@ def test_colorization_keeps_the_gray_and_samples_the_colour_law(name):
   _cross_covariance_is_zero(gray.reshape(N, 4), colour)
 
 
+# 1x2 RGB images, every pixel dark red or every pixel bright blue (std 0.1): the gray level
+# tells them apart by 12 stds.
+RED, BLUE = np.array([0.8, -0.6, -0.6]), np.array([0.2, 0.4, 1.2])
+RED_OR_BLUE = analytic.GaussianMixture.diagonal(
+    [0.5, 0.5], jnp.asarray(np.stack([np.tile(RED, (1, 2, 1)), np.tile(BLUE, (1, 2, 1))])), 0.01)
+
+
 def test_colorization_a_decisive_gray_picks_the_colour():
   # Dark red or bright blue pixels: the gray level tells them apart (12 stds); with
   # resampling every sample must come out red.
-  red, blue = np.array([0.8, -0.6, -0.6]), np.array([0.2, 0.4, 1.2])
-  means = jnp.asarray(np.stack([np.tile(red, (1, 2, 1)), np.tile(blue, (1, 2, 1))]))
-  data = analytic.GaussianMixture.diagonal([0.5, 0.5], means, 0.01)
+  data = RED_OR_BLUE
   sde = SDES['vesde']
-  gray = jnp.full((N, 1, 2, 1), red.mean())
+  gray = jnp.full((N, 1, 2, 1), RED.mean())
   samples, _ = conditional.pc_colorize(jax.random.key(7), data.score_fn(sde), sde, gray,
                                        n_steps=100, n_resample=10)
-  distance = np.linalg.norm(np.asarray(samples) - red, axis=-1).max(axis=(1, 2))
+  distance = np.linalg.norm(np.asarray(samples) - RED, axis=-1).max(axis=(1, 2))
   assert np.mean(distance < 0.5) == 1.0
   # The colour coordinates of each pixel: N(colour of red, 0.01 I) (k = 4 standard errors).
-  np.testing.assert_allclose(np.asarray(samples).mean(0), np.tile(red, (1, 2, 1)),
+  np.testing.assert_allclose(np.asarray(samples).mean(0), np.tile(RED, (1, 2, 1)),
                              atol=4 * 0.1 / np.sqrt(N) + 0.01)
 
 
@@ -231,17 +236,15 @@ def test_bad_guidance_settings(options, message):
 def test_guided_colorization_picks_the_colour_without_resampling():
   # The decisive gray of `test_colorization_a_decisive_gray_picks_the_colour`, through the
   # colour basis: guidance alone (no resampling rounds, no corrector) must find red.
-  red, blue = np.array([0.8, -0.6, -0.6]), np.array([0.2, 0.4, 1.2])
-  means = jnp.asarray(np.stack([np.tile(red, (1, 2, 1)), np.tile(blue, (1, 2, 1))]))
-  data = analytic.GaussianMixture.diagonal([0.5, 0.5], means, 0.01)
+  data = RED_OR_BLUE
   sde = SDES['vpsde']
-  gray = jnp.full((N, 1, 2, 1), red.mean())
+  gray = jnp.full((N, 1, 2, 1), RED.mean())
   share_red = {}
   for weight in (0.0, 5.0):
     samples, _ = conditional.pc_colorize(jax.random.key(7), data.score_fn(sde), sde, gray,
                                          n_steps=200, corrector='none', guidance=weight)
     np.testing.assert_allclose(np.asarray(samples).mean(-1, keepdims=True), gray, atol=1e-6)
-    distance = np.linalg.norm(np.asarray(samples) - red, axis=-1).max(axis=(1, 2))
+    distance = np.linalg.norm(np.asarray(samples) - RED, axis=-1).max(axis=(1, 2))
     share_red[weight] = float(np.mean(distance < 0.5))
   # Replacement alone leaves ~13% blue here (binomial standard error 0.008).
   assert share_red[0.0] < 0.95 and share_red[5.0] > 0.99, share_red
