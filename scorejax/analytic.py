@@ -281,6 +281,27 @@ class GaussianMixture:
     score = jnp.einsum('bk,bkd->bd', responsibilities, component_scores, precision=_HIGHEST)
     return score.reshape(jnp.shape(x))
 
+  def component_log_posterior(
+      self, x: Array, t: Array | None = None, sde: sde_lib.SDE | None = None
+  ) -> Array:
+    """Exact `log p_t(k | x) [B, K]`: which component `x` came from, seen at time `t`.
+
+    Components are classes: this is the Bayes-optimal noise-conditional classifier of the
+    labelled data `(x_0, k)` (see `sample_labeled`), the `log p_t(y | x)` of classifier
+    guidance (`scorejax.classifier_guidance`).
+
+    Raises:
+      ValueError: if `t` is given without `sde`.
+    """
+    logp, _ = self._components(x, t, sde)
+    return jax.nn.log_softmax(logp + jnp.log(self.weights), axis=-1)
+
+  def component(self, k: int) -> GaussianMixture:
+    """Component `k` alone, `N(mu_k, S_k)`: the data law of class `k`."""
+    eigen = None if self.eigen is None else tuple(a[k:k + 1] for a in self.eigen)
+    return GaussianMixture(jnp.ones((1,), jnp.float32), self.means[k:k + 1],
+                           self.covs[k:k + 1], self.event_shape, eigen)
+
   def score_fn(self, sde: sde_lib.SDE) -> ScoreFn:
     """The exact `score_fn(x [B, ...], t [B]) -> [B, ...]` of the marginals under `sde`."""
     return lambda x, t: self.score(x, t, sde)
@@ -302,6 +323,13 @@ class GaussianMixture:
 
   def sample(self, key: Array, n: int) -> Array:
     """Exact samples `[n, *event_shape]`: pick a component by weight, then `mu + S^(1/2) z`."""
+    return self.sample_labeled(key, n)[0]
+
+  def sample_labeled(self, key: Array, n: int) -> tuple[Array, Array]:
+    """Exact samples with the component each came from: `(x [n, *event_shape], k [n])`.
+
+    The same key gives the same `x` as `sample`.
+    """
     key_component, key_noise = jax.random.split(key)
     component = jax.random.categorical(key_component, jnp.log(self.weights), shape=(n,))
     z = jax.random.normal(key_noise, (n, self.dim))
@@ -309,7 +337,8 @@ class GaussianMixture:
     noise = jnp.sqrt(eigenvalues[component]) * z
     if eigenvectors is not None:
       noise = jnp.einsum('bdj,bj->bd', eigenvectors[component], noise, precision=_HIGHEST)
-    return (self.means[component] + noise).reshape((n,) + self.event_shape)
+    x = (self.means[component] + noise).reshape((n,) + self.event_shape)
+    return x, component.astype(jnp.int32)
 
   def mean(self) -> Array:
     """Mean `[*event_shape]` of the data distribution."""
