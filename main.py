@@ -1,4 +1,5 @@
-"""scorejax entry point: `python main.py --workdir=DIR [--config=FILE] [--mode=train|eval|sample]`.
+"""scorejax entry point: `python main.py --workdir=DIR [--config=FILE] [--mode=MODE]`, MODE
+being train (the default), eval, sample or train_classifier.
 
 With no `--config` it trains the offline default (`configs/default.py`: embedded 8x8
 digits, CPU-friendly). Config fields are overridden with `--config.training.n_iters=100`
@@ -43,7 +44,8 @@ try:  # ml_collections applies --config.* overrides as soon as the flag is defin
 except (AttributeError, KeyError, TypeError, ValueError) as _error:
   _config_error(_error)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and samples.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'sample'], 'What to run.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'sample', 'train_classifier'],
+                          'What to run.')
 _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, 'host:port of process 0 for jax.distributed (multi-host).'
 )
@@ -73,7 +75,9 @@ def main(argv):
   from scorejax import distributed
 
   num_processes = _NUM_PROCESSES.value or 1
-  batch_size = config.training.batch_size if _MODE.value == 'train' else config.eval.batch_size
+  batch_size = {'train': config.training.batch_size,
+                'train_classifier': config.classifier.batch_size}.get(_MODE.value,
+                                                                     config.eval.batch_size)
   message = distributed.configure_cpu_devices(max(1, batch_size // num_processes))
   distributed.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
@@ -84,10 +88,11 @@ def main(argv):
   logging.info('JAX %s: %s', jax.__version__, distributed.describe_devices())
   logging.info('%s', host_memory.describe())
   logging.info('mode=%s workdir=%s config:\n%s', _MODE.value, workdir, config)
-  from scorejax import run_eval, run_sample, run_train
+  from scorejax import run_classifier, run_eval, run_sample, run_train
   from scorejax.datasets import DatasetNotPreparedError
 
-  modules = {'train': run_train, 'eval': run_eval, 'sample': run_sample}
+  modules = {'train': run_train, 'eval': run_eval, 'sample': run_sample,
+             'train_classifier': run_classifier}
   runner = modules[_MODE.value]
   errors = (run_train.TrainingError, DatasetNotPreparedError, FileNotFoundError)
   try:

@@ -62,10 +62,14 @@ def get_default_configs() -> ml_collections.ConfigDict:
   sampling.atol = 1e-5  # ODE absolute tolerance
   sampling.batch_size = 64  # samples drawn per compiled call
   sampling.num_samples = 64  # samples written by --mode=sample (and per snapshot)
-  sampling.condition = ''  # --mode=sample: '' | 'inpaint' | 'colorize' test images
+  sampling.condition = ''  # --mode=sample: '' | 'inpaint' | 'colorize' test images | 'class'
+  # (class-conditional, with the classifier of --mode=train_classifier)
   sampling.mask = 'right_half'  # inpaint: 'right_half' | 'bottom_half' | 'center' | 'random'
   sampling.n_resample = 1  # condition: RePaint resampling rounds per step (NFE x n_resample)
   sampling.guidance = 0.0  # condition: reconstruction guidance weight (0 = off; corrector none)
+  sampling.class_label = -1  # condition='class': the class drawn (-1: 0, 1, ..., K-1 in turn)
+  sampling.classifier_scale = 1.0  # condition='class': guidance scale (1 = p(x | y))
+  sampling.classifier = ''  # condition='class': classifier dir ('' = <workdir>/classifier)
   sampling.checkpoint = ''  # sample/eval from this path ('' = the workdir's checkpoints)
   sampling.checkpoint_step = 0  # sample/eval this step (0 = the newest)
   sampling.use_ema = True  # sample with the EMA parameters
@@ -92,6 +96,23 @@ def get_default_configs() -> ml_collections.ConfigDict:
   evaluate.atol = 1e-5  # likelihood ODE absolute tolerance
   evaluate.watch = False  # keep evaluating each new checkpoint until training ends
   evaluate.watch_timeout = 600  # seconds to wait for a new checkpoint when watching
+
+  # Noise-conditional classifier p_t(y | x) for class-conditional sampling
+  # (--mode=train_classifier writes <workdir>/classifier; scorejax.models.classifier).
+  config.classifier = classifier = ml_collections.ConfigDict()
+  classifier.channels = (32, 64, 128)  # ResNet stage widths (one 2x2 pooling between stages)
+  classifier.num_res_blocks = 1  # residual blocks per stage
+  classifier.embedding_dim = 64  # Fourier features of the noise level log(std / mean)
+  classifier.fourier_scale = 1.0  # std of their frequencies
+  classifier.n_iters = 4000  # training steps
+  classifier.batch_size = 128
+  classifier.lr = 1e-3  # Adam learning rate
+  classifier.weight_decay = 0.0  # decoupled weight decay (AdamW) when > 0
+  classifier.ema_rate = 0.999  # sampling uses the EMA parameters
+  classifier.eps = 1e-5  # smallest training time
+  classifier.log_freq = 100  # steps between logged losses
+  classifier.snapshot_freq = 1000  # steps between checkpoints (a rerun resumes)
+  classifier.eval_num_batches = 0  # test batches for the accuracy per noise level (0 = all)
 
   # Data (score_sde names).
   config.data = data = ml_collections.ConfigDict()

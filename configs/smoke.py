@@ -45,4 +45,13 @@ def get_config():
   model.embedding_dim = 16
   model.ema_rate = 0.9
   config.optim.warmup = 5
+
+  classifier = config.classifier  # --mode=train_classifier (labelled images, e.g. digits)
+  classifier.channels = (8, 16)
+  classifier.embedding_dim = 16
+  classifier.n_iters = 20
+  classifier.batch_size = 16
+  classifier.log_freq = 5
+  classifier.snapshot_freq = 10
+  classifier.eval_num_batches = 1
   return config

@@ -2,8 +2,9 @@
 
 Owns the data scalers and the one factory the drivers call, `make_dataset(name, ...)`,
 which returns a `Dataset` of per-host numpy batches `{'image': float32 [B_host, H, W, C]}`
-(images) or `{'image': float32 [B_host, 2]}` (2-D toys). Sources live in
-`image_sources.py` (tfds, image folders, digits) and `toy_data.py` (2-D toys).
+(images) or `{'image': float32 [B_host, 2]}` (2-D toys); `with_labels=True` adds the class
+of each image, `'label': int32 [B_host]` (digits, and tfds datasets with a class label).
+Sources live in `image_sources.py` (tfds, image folders, digits) and `toy_data.py` (2-D toys).
 
 Determinism: the batch of global step `s` is a pure function of `(seed, s)`; with `n`
 processes of the same global batch size `B`, process `i` gets rows `[i B / n, (i + 1) B / n)`
@@ -43,7 +44,7 @@ from scorejax import image_sources, toy_data
 from scorejax.image_sources import DatasetNotPreparedError
 
 __all__ = ['DATASETS', 'Dataset', 'BatchIterator', 'DatasetNotPreparedError', 'make_dataset',
-           'get_data_scaler', 'get_data_inverse_scaler', 'position_uniforms']
+           'labelled_datasets', 'get_data_scaler', 'get_data_inverse_scaler', 'position_uniforms']
 
 Batch = dict[str, np.ndarray]
 
@@ -78,6 +79,11 @@ DATASETS = {
 }
 
 
+def labelled_datasets() -> list[str]:
+  """The datasets whose images carry class labels (`make_dataset(..., with_labels=True)`)."""
+  return sorted(['digits', 'cifar10', 'svhn'])  # tfds celeb_a has attributes, no class
+
+
 def _host_rows(batch_size: int, process_index: int, process_count: int) -> tuple[int, int]:
   if batch_size % process_count:
     raise ValueError(f'global batch_size={batch_size} must be divisible by the number of '
@@ -105,6 +111,7 @@ class Dataset:
       toys): uniform dequantization maps level `v` to `(v + u) / num_levels`.
     num_threads: grain threads that prefetch batches while iterating (0 = synchronous).
     prefetch: batches read ahead while iterating.
+    num_classes: classes of the `'label'` entries (None when batches carry no labels).
   """
 
   name: str
@@ -117,6 +124,7 @@ class Dataset:
   num_levels: int | None = None
   num_threads: int = 2
   prefetch: int = 4
+  num_classes: int | None = None
 
   @property
   def steps_per_epoch(self) -> int | None:
@@ -275,16 +283,18 @@ def _read(records, indices: np.ndarray) -> list[np.ndarray] | np.ndarray:
 
 
 def _image_batch_fn(source, *, sampler, seed, batch_size, row_start, per_host, image_size,
-                    centered, random_flip, uniform_dequantization) -> Callable[[int], Batch]:
-  """`step -> batch`: read, resize, flip, dequantize, scale (score_sde's order)."""
+                    centered, random_flip, uniform_dequantization,
+                    with_labels=False) -> Callable[[int], Batch]:
+  """`step -> batch`: read, resize, flip, dequantize, scale (score_sde's order); labels."""
   scaler = get_data_scaler(centered)
   max_value = np.float32(source.max_value)
   shape = (image_size, image_size, source.num_channels)
 
   def batch_fn(step: int) -> Batch:
     positions = step * batch_size + row_start + np.arange(per_host, dtype=np.int64)
+    indices = sampler(positions)
     images = [source.resize_fn(np.asarray(image), image_size)
-              for image in _read(source.records, sampler(positions))]
+              for image in _read(source.records, indices)]
     for image in images:
       if image.shape != shape:
         raise ValueError(f'{image.shape} image after resizing, expected {shape}.')
@@ -297,7 +307,11 @@ def _image_batch_fn(source, *, sampler, seed, batch_size, row_start, per_host, i
       x = (x + noise) / (max_value + 1)
     else:
       x = x / max_value
-    return {'image': np.ascontiguousarray(scaler(x), dtype=np.float32)}
+    batch = {'image': np.ascontiguousarray(scaler(x), dtype=np.float32)}
+    if with_labels:
+      batch['label'] = np.asarray([int(np.asarray(v)) for v in _read(source.labels, indices)],
+                                  np.int32)
+    return batch
 
   return batch_fn
 
@@ -308,7 +322,8 @@ def make_dataset(name: str, *, split: str, batch_size: int, image_size: int = 32
                  data_dir: str | None = None, num_epochs: int | None = None,
                  shuffle: bool = True, num_channels: int | None = None,
                  process_index: int | None = None, process_count: int | None = None,
-                 num_threads: int | None = None, prefetch: int = 4) -> Dataset:
+                 num_threads: int | None = None, prefetch: int = 4,
+                 with_labels: bool = False) -> Dataset:
   """Builds the per-host input pipeline of one split of dataset `name`.
 
   Args:
@@ -330,13 +345,16 @@ def make_dataset(name: str, *, split: str, batch_size: int, image_size: int = 32
     num_threads: grain threads that read batches ahead (0 = read in the caller's thread;
       None = `min(8, cpu count)`); it never changes the batches.
     prefetch: batches read ahead.
+    with_labels: add `'label': int32 [B_host]`, the class of each image (datasets with
+      class labels only).
 
   Returns:
     A `Dataset`; iterate it (or `.iterator(start_step)`) for per-host batches
     `{'image': float32 [B / process_count, *element_shape]}`.
 
   Raises:
-    ValueError: unknown name / split, bad sizes, or a channel mismatch.
+    ValueError: unknown name / split, bad sizes, a channel mismatch, or `with_labels` for
+      a dataset without class labels.
     DatasetNotPreparedError: the data is not available locally (the message says how to
       prepare it); nothing is downloaded.
   """
@@ -352,6 +370,9 @@ def make_dataset(name: str, *, split: str, batch_size: int, image_size: int = 32
   seed = int(seed) % 2**32
   if num_threads is None:
     num_threads = min(8, os.cpu_count() or 1)
+  if with_labels and DATASETS[name] in ('toy', 'image_folder'):
+    raise ValueError(f'data.dataset={name} has no class labels; labelled datasets: '
+                     f'{labelled_datasets()}')
   if DATASETS[name] == 'toy':
     return _toy_dataset(name, split=split, batch_size=batch_size, seed=seed,
                         row_start=row_start, per_host=per_host)
@@ -360,6 +381,9 @@ def make_dataset(name: str, *, split: str, batch_size: int, image_size: int = 32
   if num_channels is not None and num_channels != source.num_channels:
     raise ValueError(f'data.num_channels={num_channels} but {name!r} has '
                      f'{source.num_channels} channels.')
+  if with_labels and source.labels is None:
+    raise ValueError(f'data.dataset={name} ({split!r}) has no class labels; labelled '
+                     f'datasets: {labelled_datasets()}')
   num_examples = len(source.records)
   num_steps = None if num_epochs is None else num_epochs * num_examples // batch_size
   if num_steps == 0:
@@ -369,8 +393,9 @@ def make_dataset(name: str, *, split: str, batch_size: int, image_size: int = 32
       source, sampler=_IndexSampler(num_examples, seed, shuffle), seed=seed,
       batch_size=batch_size, row_start=row_start, per_host=per_host, image_size=image_size,
       centered=centered, random_flip=random_flip,
-      uniform_dequantization=uniform_dequantization)
+      uniform_dequantization=uniform_dequantization, with_labels=with_labels)
   return Dataset(name=name, element_shape=(image_size, image_size, source.num_channels),
                  batch_size=batch_size, host_batch_size=per_host, num_examples=num_examples,
                  num_steps=num_steps, batch_fn=batch_fn, num_levels=source.max_value + 1,
-                 num_threads=num_threads, prefetch=prefetch)
+                 num_threads=num_threads, prefetch=prefetch,
+                 num_classes=source.num_classes if with_labels else None)

@@ -54,13 +54,8 @@ class DigitsClassifier(nn.Module):
 
 def digits_with_labels(split: str) -> tuple[np.ndarray, np.ndarray]:
   """The digits split of `image_sources` as `(images [N, 8, 8, 1] in [0, 1], labels [N])`."""
-  from sklearn.datasets import load_digits  # ships with scikit-learn: no download
-
   images = image_sources.digits_images(split, 8).astype(np.float32) / 16.0
-  targets = load_digits().target
-  num_train = len(targets) - image_sources.DIGITS_NUM_TEST
-  labels = targets[:num_train] if split == 'train' else targets[num_train:]
-  return images, labels.astype(np.int32)
+  return images, image_sources.digits_labels(split)
 
 
 def to_digits_8x8(images: np.ndarray) -> np.ndarray:

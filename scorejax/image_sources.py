@@ -90,6 +90,9 @@ class ImageSource:
     num_channels: `C` after loading.
     resize_fn: `(image, image_size) -> [image_size, image_size, C]` image.
     native_size: the stored side length when all images share it, else None.
+    labels: `[i] -> int` class of image `i` (aligned with `records`), or None when the
+      dataset has no class labels.
+    num_classes: number of classes when `labels` is given.
   """
 
   records: Sequence[np.ndarray]
@@ -97,6 +100,8 @@ class ImageSource:
   num_channels: int
   resize_fn: ResizeFn
   native_size: int | None = None
+  labels: Sequence[int] | np.ndarray | None = None
+  num_classes: int | None = None
 
 
 # ----------------------------------------------------------------------------- digits
@@ -132,11 +137,21 @@ def digits_images(split: str, image_size: int = 8) -> np.ndarray:
   return np.ascontiguousarray(images[..., None])
 
 
+def digits_labels(split: str) -> np.ndarray:
+  """The digit (0-9) shown by each image of `digits_images(split)`, `int32 [N]`."""
+  from sklearn.datasets import load_digits
+
+  targets = load_digits().target.astype(np.int32)
+  num_train = len(targets) - DIGITS_NUM_TEST
+  return targets[:num_train] if split == 'train' else targets[num_train:]
+
+
 def digits_source(split: str, image_size: int) -> ImageSource:
-  """The digits as an `ImageSource` (already at `image_size`)."""
+  """The digits as an `ImageSource` (already at `image_size`), labelled 0-9."""
   images = digits_images(split, image_size)
   return ImageSource(records=images, max_value=16, num_channels=1,
-                     resize_fn=lambda image, size: image, native_size=image_size)
+                     resize_fn=lambda image, size: image, native_size=image_size,
+                     labels=digits_labels(split), num_classes=10)
 
 
 # ----------------------------------------------------------------------------- tfds
@@ -204,9 +219,18 @@ def tfds_source(tfds_name: str, split: str, data_dir: str | None,
                      f'{sorted(builder.info.splits)}.')
   image_feature = builder.info.features['image']
   source = builder.as_data_source(split=split)
+  labels, num_classes = None, None
+  features = builder.info.features
+  label_feature = features['label'] if 'label' in features else None
+  if isinstance(label_feature, tfds.features.ClassLabel):
+    # A second view of the records that leaves the image encoded: labels cost no decoding.
+    label_source = builder.as_data_source(
+        split=split, decoders={'image': tfds.decode.SkipDecoding()})
+    labels, num_classes = _FeatureColumn(label_source, 'label'), label_feature.num_classes
   return ImageSource(records=_FeatureColumn(source, 'image'), max_value=255,
                      num_channels=int(image_feature.shape[-1]), resize_fn=resize_fn,
-                     native_size=image_feature.shape[0])
+                     native_size=image_feature.shape[0], labels=labels,
+                     num_classes=num_classes)
 
 
 # ----------------------------------------------------------------------------- folders

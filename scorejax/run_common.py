@@ -107,12 +107,13 @@ def is_toy(config: ConfigDict) -> bool:
 def make_data(
     config: ConfigDict, split: str, batch_size: int, *, num_epochs: int | None = None,
     shuffle: bool = True, seed: int | None = None, uniform_dequantization: bool | None = None,
-    num_threads: int | None = None, whole_batches: bool = False,
+    num_threads: int | None = None, whole_batches: bool = False, with_labels: bool = False,
 ) -> datasets.Dataset:
   """The per-host input pipeline of `split` with the config's data settings.
 
   `seed` and `uniform_dequantization`, when given, replace the config's values; with
-  `whole_batches` every process reads every row (not only its own).
+  `whole_batches` every process reads every row (not only its own); `with_labels` adds the
+  class labels (`'label'`).
   In-memory datasets (2-D toys, digits) are read in the caller's thread by default
   (`num_threads=0`): their batches cost well under a train step, and prefetch threads
   would only compete with XLA for the CPU cores; files (tfds, image folders) use grain's
@@ -136,6 +137,7 @@ def make_data(
       shuffle=shuffle,
       num_channels=None if is_toy(config) else config.data.num_channels,
       num_threads=num_threads,
+      with_labels=with_labels,
       **(dict(process_index=0, process_count=1) if whole_batches else {}),
   )
 

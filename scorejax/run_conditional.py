@@ -38,7 +38,7 @@ def check_condition(config) -> None:
   s = config.sampling
   if s.condition not in CONDITIONS:
     raise ValueError(f'unknown sampling.condition {s.condition!r}; valid choices: '
-                     f"{['', *CONDITIONS]} ('' draws unconditional samples)")
+                     f"{['', *CONDITIONS, 'class']} ('' draws unconditional samples)")
   if s.method.lower() != 'pc':
     raise ValueError(f'sampling.condition={s.condition} runs the PC sampler; set '
                      f'sampling.method=pc (got {s.method!r})')

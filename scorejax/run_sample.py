@@ -9,7 +9,8 @@ multiple of the device count), each batch split over all devices. Writes
 its own coordinates; `nfe`: score evaluations per batch) and `samples/samples_<step>.png`.
 The same seed and checkpoint give the same samples. Checkpoints written by the
 importers (`params` or `ema_params` only) work too. With `sampling.condition` ('inpaint',
-'colorize') it completes test images instead (`scorejax.run_conditional`).
+'colorize') it completes test images instead (`scorejax.run_conditional`); with 'class' it
+draws class-conditional samples (`scorejax.run_class_conditional`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from scorejax import checkpoints, run_common, run_conditional, run_train
+from scorejax import checkpoints, run_class_conditional, run_common, run_conditional, run_train
 from scorejax.models import make_model
 
 SAMPLE_MODE_STREAM = 4  # fold_in constant of the sample-mode key (distinct from training's)
@@ -41,7 +42,9 @@ def validate(config, workdir: str) -> None:
       settings other than the training run's (`run_common.check_trained_settings`).
   """
   run_common.check_sampling(config)
-  if config.sampling.condition:
+  if config.sampling.condition == 'class':
+    run_class_conditional.check(config, pathlib.Path(workdir))
+  elif config.sampling.condition:
     run_conditional.check_condition(config)
   run_common.check_trained_settings(config, checkpoint_source(config, pathlib.Path(workdir)))
   checkpoints.find_step_dir(checkpoint_source(config, pathlib.Path(workdir)),
@@ -63,6 +66,8 @@ def run(config, workdir: str) -> dict:
   """Draws samples from a trained model; returns `{'path': npz path, 'nfe': [...]}`."""
   workdir = pathlib.Path(workdir)
   params, step = restore_for_inference(config, workdir)
+  if config.sampling.condition == 'class':
+    return run_class_conditional.run(config, workdir, params, step)
   if config.sampling.condition:
     return run_conditional.run(config, workdir, params, step)
   sde = run_common.make_sde(config)

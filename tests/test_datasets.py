@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from scorejax import datasets, image_sources, toy_data
+from scorejax import datasets, digits_classifier, image_sources, toy_data
 
 # ----------------------------------------------------------------------------- scalers
 
@@ -304,6 +304,37 @@ def test_tfds_cifar10_reads_the_prepared_array_records(tiny_cifar10_dir):
   with pytest.raises(ValueError, match="valid choices: \\['test', 'train'\\]"):
     datasets.make_dataset('cifar10', split='validation', batch_size=4,
                           data_dir=tiny_cifar10_dir)
+
+
+def test_tfds_labels_follow_their_images(tiny_cifar10_dir):
+  """`with_labels`: each row's label is the one stored with its image (label = index % 10)."""
+  ds = datasets.make_dataset('cifar10', split='train', batch_size=6, image_size=32, seed=3,
+                             data_dir=tiny_cifar10_dir, num_threads=0, with_labels=True)
+  assert ds.num_classes == 10
+  stored = _tiny_cifar_images('train').reshape(12, -1).astype(np.float32)
+  for step in (0, 3):
+    batch = ds.batch_at(step)
+    assert batch['label'].dtype == np.int32 and batch['label'].shape == (6,)
+    read = np.round(batch['image'] * 255.0).reshape(6, -1)
+    index = [int(np.flatnonzero((stored == row).all(1))[0]) for row in read]
+    np.testing.assert_array_equal(batch['label'], np.asarray(index) % 10)
+  # Without the flag batches are unchanged.
+  plain = datasets.make_dataset('cifar10', split='train', batch_size=6, image_size=32, seed=3,
+                                data_dir=tiny_cifar10_dir, num_threads=0)
+  assert set(plain.batch_at(0)) == {'image'} and plain.num_classes is None
+  np.testing.assert_array_equal(plain.batch_at(3)['image'], ds.batch_at(3)['image'])
+
+
+def test_digits_labels_and_unlabelled_datasets():
+  ds = datasets.make_dataset('digits', split='test', batch_size=32, image_size=8, shuffle=False,
+                             num_epochs=1, with_labels=True)
+  images, labels = digits_classifier.digits_with_labels('test')
+  batch = ds.batch_at(1)
+  np.testing.assert_array_equal(batch['label'], labels[32:64])
+  np.testing.assert_allclose(batch['image'], images[32:64], atol=1e-6)
+  for name in ('two_moons', 'image_folder'):
+    with pytest.raises(ValueError, match=r"has no class labels; labelled datasets: \['cifar10'"):
+      datasets.make_dataset(name, split='train', batch_size=4, with_labels=True, data_dir='x')
 
 
 def test_tfds_dataset_in_tfrecord_format_is_refused(tiny_cifar10_dir, tmp_path):

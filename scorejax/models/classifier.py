@@ -9,7 +9,9 @@ fixed random Fourier features and two dense layers. No batch statistics: each ex
 logits depend on that example only, which per-example guidance gradients need.
 
 A small stand-in for the time-conditional Wide-ResNet of Song et al. 2021 (Appendix I.1);
-widths and depth are fields, so CIFAR-10-sized versions are a config away.
+widths and depth are fields, so CIFAR-10-sized versions are a config away. Convolutions
+are `scorejax.models.conv.Conv`, whose gradients stay fast inside XLA:CPU loops (a sampler
+evaluates the classifier's input gradient at every step).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from scorejax.models import layers
+from scorejax.models.conv import Conv
 
 Array = jax.Array
 
@@ -62,22 +65,22 @@ class NoiseConditionalClassifier(nn.Module):
       return nn.Dense(self.num_classes, name='logits')(self.act(h))
     if x.ndim != 4:
       raise ValueError(f'inputs must be images [B, H, W, C] or vectors [B, D], got {x.shape}')
-    h = nn.Conv(self.channels[0], (3, 3), name='input')(x)
+    h = Conv(self.channels[0], (3, 3), name='input')(x)
     for stage, channels in enumerate(self.channels):
       if stage:
         h = nn.avg_pool(h, (2, 2), strides=(2, 2)) if min(h.shape[1:3]) >= 2 else h
       for block in range(self.num_res_blocks):
         name = f'stage_{stage}_block_{block}'
-        r = nn.Conv(channels, (3, 3), name=f'{name}_conv_0')(
+        r = Conv(channels, (3, 3), name=f'{name}_conv_0')(
             self.act(layers.group_norm(h.shape[-1], _groups(h.shape[-1]))(h)))
         # Scale and shift after the normalization (adaptive GroupNorm): a shift before
         # it would be removed with the group mean.
         scale, shift = jnp.split(nn.Dense(2 * channels, name=f'{name}_temb')(temb), 2, -1)
         r = layers.group_norm(channels, _groups(channels))(r)
         r = r * (1.0 + scale[:, None, None, :]) + shift[:, None, None, :]
-        r = nn.Conv(channels, (3, 3), name=f'{name}_conv_1')(self.act(r))
+        r = Conv(channels, (3, 3), name=f'{name}_conv_1')(self.act(r))
         if h.shape[-1] != channels:
-          h = nn.Conv(channels, (1, 1), name=f'{name}_skip')(h)
+          h = Conv(channels, (1, 1), name=f'{name}_skip')(h)
         h = h + r
     h = self.act(layers.group_norm(h.shape[-1], _groups(h.shape[-1]))(h))
     return nn.Dense(self.num_classes, name='logits')(jnp.mean(h, axis=(1, 2)))

@@ -1,0 +1,141 @@
+"""The class-conditional workflow: `--mode=train_classifier`, then `--mode=sample` with
+`sampling.condition=class`; resuming, determinism, and one-line errors."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from test_main import assert_trees_equal, load_config, run_main
+
+from scorejax import checkpoints, run_classifier, run_sample, run_train
+
+DIGITS = {'data.dataset': 'digits', 'data.num_channels': 1, 'data.image_size': 8}
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """A smoke score model and a 20-step classifier on the digits."""
+  workdir = tmp_path_factory.mktemp('run')
+  run_train.run(load_config(**DIGITS), str(workdir))
+  config = load_config(**DIGITS)
+  run_classifier.validate(config, str(workdir))
+  out = run_classifier.run(config, str(workdir))
+  return workdir, out
+
+
+def test_train_classifier_writes_its_files(trained):
+  workdir, out = trained
+  directory = workdir / 'classifier'
+  assert out['step'] == 20
+  saved = json.loads((directory / 'config.json').read_text())
+  assert saved['num_classes'] == 10 and saved['network']['channels'] == [8, 16]
+  accuracy = json.loads((directory / 'accuracy.json').read_text())
+  assert accuracy['step'] == 20 and len(accuracy) == 1 + len(run_classifier.EVAL_FRACTIONS)
+  for values in (v for k, v in accuracy.items() if k != 'step'):
+    assert 0.0 <= values['accuracy'] <= 1.0 and np.isfinite(values['cross_entropy'])
+  records = [json.loads(line) for line in (directory / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in records if 'loss' in r] == [5, 10, 15, 20]
+
+
+@pytest.mark.slow
+def test_resumed_classifier_equals_an_uninterrupted_one(trained, tmp_path):
+  """Resuming 20 -> 30 equals training 0 -> 30 in one go, bit for bit."""
+  directory = trained[0] / 'classifier'
+  longer = load_config(**DIGITS, **{'classifier.n_iters': 30})
+  copy = tmp_path / 'copy'
+  copy.mkdir()
+  (copy / 'classifier').symlink_to(directory, target_is_directory=True)
+  resumed = run_classifier.run(longer, str(copy))
+  assert resumed['step'] == 30
+  fresh = tmp_path / 'fresh'
+  run_classifier.run(longer, str(fresh))
+  assert_trees_equal(checkpoints.restore_params(directory)[0],
+                     checkpoints.restore_params(fresh / 'classifier')[0])
+
+
+@pytest.mark.parametrize('label', [-1, 3])
+def test_class_conditional_sampling(trained, label):
+  workdir, _ = trained
+  config = load_config(**DIGITS, **{'sampling.condition': 'class', 'sampling.num_samples': 12,
+                                    'sampling.batch_size': 8, 'sampling.class_label': label,
+                                    'sampling.classifier_scale': 2.0})
+  run_sample.validate(config, str(workdir))
+  out = run_sample.run(config, str(workdir))
+  result = np.load(out['path'])
+  expected = np.arange(12) % 10 if label < 0 else np.full(12, label)
+  np.testing.assert_array_equal(result['labels'], expected)
+  assert result['samples'].shape == (12, 8, 8, 1) and float(result['scale']) == 2.0
+  assert (result['samples'] >= 0).all() and (result['samples'] <= 1).all()
+  assert out['nfe'] == [20, 20] and 0.0 <= out['accuracy'] <= 1.0 and out['digits_fid'] > 0
+  assert (workdir / 'samples' / 'class_20.png').exists()
+  again = np.load(run_sample.run(config, str(workdir))['path'])['samples']
+  np.testing.assert_array_equal(result['samples'], again)
+
+
+def test_guidance_changes_samples_and_scale_zero_is_unconditional(trained, monkeypatch):
+  """Scale 0 draws exactly the unconditional sampler's samples of the same keys; scale 4
+  moves them. (The score is the exact one of N(0.5, 0.04 I) in the model range, so the
+  samples stay inside [0, 1] where clipping would hide differences.)"""
+  workdir, _ = trained
+  from scorejax import analytic, run_class_conditional, run_common
+
+  law = analytic.GaussianMixture.gaussian(np.full((8, 8, 1), 0.5, np.float32), 0.04)
+  monkeypatch.setattr(run_common, 'score_fn_builder',
+                      lambda model, sde, continuous: (lambda params: law.score_fn(sde)))
+
+  common = {**DIGITS, 'sampling.condition': 'class', 'sampling.num_samples': 8,
+            'sampling.batch_size': 8, 'sampling.method': 'ode', 'sampling.ode_method': 'heun',
+            'sampling.num_steps': 10}
+  params, step = run_sample.restore_for_inference(load_config(**common), workdir)
+  draw = lambda scale: run_class_conditional.run(
+      load_config(**common, **{'sampling.classifier_scale': scale}), workdir, params, step)
+  unguided = np.load(draw(0.0)['path'])['samples']
+  guided = np.load(draw(4.0)['path'])['samples']
+  assert np.abs(guided - unguided).max() > 1e-2
+  from scorejax.models import make_model
+
+  config = load_config(**common)
+  sde = run_common.make_sde(config)
+  sample_fn = run_common.make_sharded_sampler(config, make_model(config), sde, 8)
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed),
+                                              run_class_conditional.CLASS_STREAM), 0)
+  plain = run_common.to_data_range(config, run_common.host_array(sample_fn(key, params)[0]))
+  np.testing.assert_allclose(unguided, plain, atol=1e-6)
+
+
+@pytest.mark.parametrize('overrides, expected', [
+    ({'sampling.class_label': 10}, 'valid choices are 0..9, or -1 for all'),
+    ({'sampling.classifier_scale': -1.0}, 'sampling.classifier_scale must be finite and >= 0'),
+    ({'data.image_size': 16}, 'trained on other data: data.image_size=8 (here 16)'),
+    ({'sampling.classifier': '/nonexistent'}, 'train one with --mode=train_classifier'),
+])
+def test_bad_class_sampling_settings_fail_up_front(trained, overrides, expected):
+  workdir, _ = trained
+  config = load_config(**{**DIGITS, 'sampling.condition': 'class', **overrides})
+  with pytest.raises((ValueError, FileNotFoundError)) as error:
+    run_sample.validate(config, str(workdir))
+  assert expected in str(error.value)
+
+
+@pytest.mark.parametrize('overrides, expected', [
+    ({}, 'needs labelled images; data.dataset=two_moons is 2-D'),
+    ({**DIGITS, 'classifier.eps': 0.0}, 'classifier.eps must be in (0, T=1.0)'),
+    ({**DIGITS, 'classifier.n_iters': 0}, 'classifier.n_iters must be >= 1'),
+    ({**DIGITS, 'data.dataset': 'image_folder', 'data.data_dir': '/x'}, 'has no class labels'),
+])
+def test_bad_classifier_settings_fail_up_front(tmp_path, overrides, expected):
+  with pytest.raises(ValueError) as error:
+    run_classifier.validate(load_config(**overrides), str(tmp_path))
+  assert expected in str(error.value)
+  assert not list(tmp_path.iterdir())
+
+
+def test_main_train_classifier_reports_bad_settings_on_one_line(tmp_path):
+  result = run_main(f'--workdir={tmp_path / "w"}', '--config=configs/smoke.py',
+                    '--mode=train_classifier', check=False, timeout=120)
+  assert result.returncode == 1
+  errors = [line for line in result.stderr.splitlines() if line.startswith('main.py: error')]
+  assert errors == ['main.py: error: --mode=train_classifier needs labelled images; '
+                    'data.dataset=two_moons is 2-D']
+  assert not (tmp_path / 'w').exists()
