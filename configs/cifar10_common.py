@@ -73,6 +73,19 @@ def get_cifar10_configs() -> ml_collections.ConfigDict:
   optim.eps = 1e-8
   optim.warmup = 5000
   optim.grad_clip = 1.0
+
+  # The noise-conditional classifier of --mode=train_classifier (class-conditional sampling).
+  # A 4-stage ResNet at 32, 16, 8, 4 pixels; the paper's is a Wide-ResNet-28-10, and these
+  # settings are a starting point, not a reproduction of it.
+  classifier = config.classifier
+  classifier.channels = (128, 256, 256, 256)
+  classifier.num_res_blocks = 2
+  classifier.n_iters = 200000
+  classifier.batch_size = 128
+  classifier.lr = 3e-4
+  classifier.weight_decay = 0.05  # AdamW
+  classifier.snapshot_freq = 10000
+  classifier.eval_num_batches = 20
   return config
 
 

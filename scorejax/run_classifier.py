@@ -37,8 +37,9 @@ from scorejax.train_state import create_train_state, make_optimizer
 CLASSIFIER_DIR = 'classifier'
 # Key streams (fold_in constants, distinct from the score model's).
 INIT_STREAM, TRAIN_STREAM, EVAL_STREAM = 10, 11, 12
-# Times of the accuracy table, as fractions of T (the first is classifier.eps).
-EVAL_FRACTIONS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
+# Times of the accuracy table, as fractions of T (0 stands for classifier.eps; 1e-3 is the
+# samplers' default last time).
+EVAL_FRACTIONS = (0.0, 1e-3, 0.1, 0.25, 0.5, 0.75, 1.0)
 _NETWORK_FIELDS = ('channels', 'num_res_blocks', 'embedding_dim', 'fourier_scale')
 
 
@@ -207,7 +208,7 @@ def run(config, workdir: str) -> dict:
   if is_main:
     (directory / 'accuracy.json').write_text(json.dumps({'step': step, **accuracy}, indent=2))
   logging.info('classifier step %d, test accuracy by time: %s', step,
-               {t: round(v['accuracy'], 4) for t, v in accuracy.items()})
+               {t: round(float(v['accuracy']), 4) for t, v in accuracy.items()})
   return {'step': step, 'accuracy': {t: v['accuracy'] for t, v in accuracy.items()}}
 
 
@@ -232,7 +233,7 @@ def evaluate(config, classifier, sde, params, mesh) -> dict[str, dict[str, float
 
   num_batches = data.num_steps if not c.eval_num_batches else min(c.eval_num_batches,
                                                                   data.num_steps)
-  times = [max(f * sde.T, c.eps) for f in EVAL_FRACTIONS]
+  times = sorted({max(f * sde.T, c.eps) for f in EVAL_FRACTIONS})
   sums = np.zeros((len(times), 2))
   key = jax.random.fold_in(jax.random.key(config.seed), EVAL_STREAM)
   for index in range(num_batches):
@@ -241,5 +242,6 @@ def evaluate(config, classifier, sde, params, mesh) -> dict[str, dict[str, float
       values = totals(params, batch, jax.random.fold_in(key, index), time)
       sums[j] += [float(run_common.host_array(v)) for v in values]
   count = num_batches * c.batch_size
-  return {f'{time:.4g}': {'accuracy': sums[j, 1] / count, 'cross_entropy': sums[j, 0] / count}
+  return {f'{time:.4g}': {'accuracy': float(sums[j, 1] / count),
+                          'cross_entropy': float(sums[j, 0] / count)}
           for j, time in enumerate(times)}
