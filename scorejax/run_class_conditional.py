@@ -64,11 +64,16 @@ def check(config, workdir: pathlib.Path) -> dict:
   if not -1 <= s.class_label < num_classes:
     raise ValueError(f'sampling.class_label={s.class_label} is not a class of the classifier '
                      f'in {directory}: valid choices are 0..{num_classes - 1}, or -1 for all')
-  here = run_classifier.definition(config, num_classes)['data']
-  differ = [k for k in here if k != 'dataset' and saved['data'].get(k) != here[k]]
+  current = run_classifier.definition(config, num_classes)
+  trained = {f'data.{k}': v for k, v in saved['data'].items() if k != 'dataset'}
+  trained.update(saved.get('sde', {}))
+  here = {f'data.{k}': v for k, v in current['data'].items() if k != 'dataset'}
+  here.update(current['sde'])
+  differ = [k for k in trained if trained[k] != here.get(k)]
   if differ:
-    fields = ', '.join(f'data.{k}={saved["data"][k]!r} (here {here[k]!r})' for k in differ)
-    raise ValueError(f'the classifier in {directory} was trained on other data: {fields}')
+    fields = ', '.join(f'{k}={trained[k]!r} (here {here.get(k)!r})' for k in differ)
+    raise ValueError(f'the classifier in {directory} was trained on other data or noise: '
+                     f'{fields}')
   return saved
 
 

@@ -44,14 +44,21 @@ _NETWORK_FIELDS = ('channels', 'num_res_blocks', 'embedding_dim', 'fourier_scale
 
 
 def definition(config, num_classes: int) -> dict[str, Any]:
-  """What a classifier checkpoint means: network fields, classes, data shape and scaling."""
+  """What a classifier checkpoint means: network fields, classes, data shape and scaling,
+  and the forward SDE whose noised data it learned (the same noise level means different
+  inputs under different SDEs: VP scales the data down, VE does not)."""
   c = config.classifier
   data = config.data
+  sde = config.training.sde.lower()
+  noise_fields = {'vesde': ('sigma_min', 'sigma_max'), 'vpsde': ('beta_min', 'beta_max'),
+                  'subvpsde': ('beta_min', 'beta_max'),
+                  'cosinevpsde': ('cosine_s', 'logsnr_min')}.get(sde, ())
   return {
       'num_classes': int(num_classes),
       'network': {k: list(c[k]) if k == 'channels' else c[k] for k in _NETWORK_FIELDS},
       'data': {'dataset': data.dataset.lower(), 'image_size': data.image_size,
                'num_channels': data.num_channels, 'centered': data.centered},
+      'sde': {'training.sde': sde, **{f'model.{k}': config.model[k] for k in noise_fields}},
   }
 
 

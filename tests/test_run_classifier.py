@@ -107,7 +107,9 @@ def test_guidance_changes_samples_and_scale_zero_is_unconditional(trained, monke
 @pytest.mark.parametrize('overrides, expected', [
     ({'sampling.class_label': 10}, 'valid choices are 0..9, or -1 for all'),
     ({'sampling.classifier_scale': -1.0}, 'sampling.classifier_scale must be finite and >= 0'),
-    ({'data.image_size': 16}, 'trained on other data: data.image_size=8 (here 16)'),
+    ({'data.image_size': 16}, 'other data or noise: data.image_size=8 (here 16)'),
+    ({'training.sde': 'vesde'}, "training.sde='vpsde' (here 'vesde')"),
+    ({'model.beta_max': 10.0}, 'model.beta_max=20.0 (here 10.0)'),
     ({'sampling.classifier': '/nonexistent'}, 'train one with --mode=train_classifier'),
 ])
 def test_bad_class_sampling_settings_fail_up_front(trained, overrides, expected):
