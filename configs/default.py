@@ -32,6 +32,8 @@ def get_default_configs() -> ml_collections.ConfigDict:
   training.reduce_mean = True  # mean over pixels instead of sum in the per-example loss
   training.likelihood_weighting = False  # weight by g(t)^2 (Song et al. 2021b, NLL training)
   training.importance_weighting = False  # with it: t drawn from g^2 / std^2 (lower variance)
+  training.class_dropout = 0.1  # class-conditional models (model.num_classes > 0): labels
+  # dropped to "no class" with this probability (classifier-free guidance)
   training.eps = 1e-5  # smallest training time t ~ U[eps, T]
   training.batch_size = 128  # global batch size (all devices / hosts)
   training.n_iters = 8000  # total optimizer steps
@@ -69,6 +71,8 @@ def get_default_configs() -> ml_collections.ConfigDict:
   sampling.guidance = 0.0  # condition: reconstruction guidance weight (0 = off; corrector none)
   sampling.class_label = -1  # condition='class': the class drawn (-1: 0, 1, ..., K-1 in turn)
   sampling.classifier_scale = 1.0  # condition='class': guidance scale (1 = p(x | y))
+  sampling.cfg_weight = 1.0  # condition='class', model.num_classes > 0: classifier-free
+  # guidance weight w, (1 + w) s(x, t, y) - w s(x, t) (0 = the conditional model alone)
   sampling.classifier = ''  # condition='class': classifier dir ('' = <workdir>/classifier)
   sampling.checkpoint = ''  # sample/eval from this path ('' = the workdir's checkpoints)
   sampling.checkpoint_step = 0  # sample/eval this step (0 = the newest)
@@ -146,6 +150,8 @@ def get_default_configs() -> ml_collections.ConfigDict:
   model.attn_resolutions = (4,)  # resolutions with self-attention
   model.resamp_with_conv = True
   model.conditional = True  # condition on the noise level
+  model.num_classes = 0  # > 0: class-conditional network (labelled data; classifier-free
+  # guidance with sampling.condition=class)
   model.fir = False
   model.fir_kernel = (1, 3, 3, 1)
   model.skip_rescale = True

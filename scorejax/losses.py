@@ -451,6 +451,21 @@ def ddpm_loss(
 # -- the factory the training driver calls ----------------------------------------------------
 
 
+CLASS_DROPOUT_STREAM = 7  # fold_in constant of the class-dropout key (the loss's own split
+# of the key is unchanged, so unconditional training draws the same numbers as before)
+
+
+def _dropped_labels(key: PRNGKey, labels: Array | None, batch: int, num_classes: int,
+                    rate: float) -> Array:
+  """`labels` with each replaced by `num_classes` ("no class") with probability `rate`."""
+  if labels is None:
+    return jnp.full((batch,), num_classes, jnp.int32)
+  labels = jnp.asarray(labels, jnp.int32)
+  if rate == 0.0:
+    return labels
+  return jnp.where(jax.random.bernoulli(key, rate, (batch,)), num_classes, labels)
+
+
 def make_loss_fn(
     sde: sde_lib.SDE,
     model: Any,
@@ -461,6 +476,7 @@ def make_loss_fn(
     likelihood_weighting: bool = False,
     importance_weighting: bool = False,
     eps: float = 1e-5,
+    class_dropout: float = 0.0,
 ) -> LossFn:
   """Builds `loss_fn(params, key, batch) -> (loss, metrics)` as score_sde's `get_step_fn`.
 
@@ -477,16 +493,24 @@ def make_loss_fn(
     likelihood_weighting: `g(t)^2` weighting (continuous only).
     importance_weighting: importance-sampled times for it (continuous only).
     eps: smallest training time (continuous only).
+    class_dropout: class-conditional networks (`model.num_classes > 0`): the probability
+      that an example's label is replaced by "no class" (classifier-free guidance trains
+      the conditional and the unconditional score in one network; Ho & Salimans 2022).
+      A batch without `'label'` trains "no class" only.
 
   Returns:
-    `loss_fn(params, key, batch [B, ...] or {'image': [B, ...]}) -> (loss, metrics)`.
+    `loss_fn(params, key, batch [B, ...] or {'image': [B, ...], 'label': [B]}) ->
+    (loss, metrics)`; labels are read only by class-conditional networks.
 
   Raises:
     ValueError: for discrete training with an SDE other than VESDE / VP (or a VP grid too
       coarse for the DDPM tables), likelihood or importance weighting with discrete
       training, importance weighting without likelihood weighting, or an `eps` outside
-      `(0, T)`.
+      `(0, T)`, or a `class_dropout` outside [0, 1].
   """
+  if not 0.0 <= class_dropout <= 1.0:
+    raise ValueError(f'training.class_dropout must be in [0, 1], got {class_dropout}')
+  num_classes = int(getattr(model, 'num_classes', 0) or 0)
   if continuous:
     checks.check_time('eps', eps, sde.T)
     if importance_weighting and not likelihood_weighting:
@@ -508,13 +532,20 @@ def make_loss_fn(
       sde_lib.discrete_betas(sde)  # raises now if the grid is too coarse for the tables
 
   def loss_fn(params: Params, key: PRNGKey, batch: Array | Mapping[str, Array]):
+    class_labels = None
     if isinstance(batch, Mapping):
+      class_labels = batch.get('label')
       batch = batch['image']
     key_loss, key_dropout = jax.random.split(key)
+    extra = {}
+    if num_classes:
+      extra['class_labels'] = _dropped_labels(jax.random.fold_in(key, CLASS_DROPOUT_STREAM),
+                                              class_labels, batch.shape[0], num_classes,
+                                              class_dropout)
 
     def model_fn(x: Array, labels: Array) -> Array:
       return model.apply({'params': params}, x, labels, train=train,
-                         rngs={'dropout': key_dropout} if train else None)
+                         rngs={'dropout': key_dropout} if train else None, **extra)
 
     if continuous:
       return sde_loss(key_loss, make_score_fn(model_fn, sde, continuous=True), sde, batch,

@@ -1,15 +1,19 @@
 """Class-conditional samples: `main.py --mode=sample --config.sampling.condition=class`.
 
-Adds the gradient of the noise-conditional classifier of `--mode=train_classifier`
-(`sampling.classifier`, default `<workdir>/classifier`; its EMA parameters) to the score
-model's score, scaled by `sampling.classifier_scale` (`scorejax.classifier_guidance`), and
-runs the configured sampler (`sampling.method` 'pc', 'ode' or 'fast') with it, each batch
-split over all devices. `sampling.class_label` picks the class; -1 draws classes 0, 1, ...,
-K-1 in turn. Writes `samples/class_<step>.npz` (`samples` NHWC in [0, 1], `labels`, `nfe`
-per batch, `scale`) and `samples/class_<step>.png` (one row per class). On the digits it
-also reports how often the packaged digits classifier (the digits-FID network) reads the
-requested class (`accuracy`), with the digits-FID of the samples. The same seed and
-checkpoints give the same samples.
+An unconditional score model (`model.num_classes = 0`) is guided by the noise-conditional
+classifier of `--mode=train_classifier` (`sampling.classifier`, default
+`<workdir>/classifier`; its EMA parameters): its gradient, scaled by
+`sampling.classifier_scale`, is added to the score. A class-conditional score model
+(`model.num_classes > 0`, trained with `training.class_dropout`) needs no classifier: it is
+guided classifier-free with weight `sampling.cfg_weight`. Either way the configured sampler
+(`sampling.method` 'pc', 'ode' or 'fast') runs on the guided score
+(`scorejax.classifier_guidance`), each batch split over all devices.
+`sampling.class_label` picks the class; -1 draws classes 0, 1, ..., K-1 in turn. Writes
+`samples/class_<step>.npz` (`samples` NHWC in [0, 1], `labels`, `nfe` per batch, `scale`:
+the classifier scale or the classifier-free weight, `guidance`: 'classifier' or 'free') and
+`samples/class_<step>.png` (one row per class). On the digits it also reports how often the
+packaged digits classifier (the digits-FID network) reads the requested class (`accuracy`),
+with the digits-FID of the samples. The same seed and checkpoints give the same samples.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ def classifier_dir(config, workdir: pathlib.Path) -> pathlib.Path:
 
 def check(config, workdir: pathlib.Path) -> dict:
   """Fails on settings class-conditional sampling cannot run; returns the classifier's
-  definition.
+  definition (`{'num_classes': K}` for a class-conditional model).
 
   Raises:
     ValueError: one line naming the field (and the valid values).
@@ -57,6 +61,15 @@ def check(config, workdir: pathlib.Path) -> dict:
   if not (s.classifier_scale >= 0 and math.isfinite(s.classifier_scale)):
     raise ValueError(f'sampling.classifier_scale must be finite and >= 0, got '
                      f'{s.classifier_scale}')
+  if run_common.is_class_conditional(config):
+    if not (s.cfg_weight >= 0 and math.isfinite(s.cfg_weight)):
+      raise ValueError(f'sampling.cfg_weight must be finite and >= 0, got {s.cfg_weight}')
+    num_classes = config.model.num_classes
+    if not -1 <= s.class_label < num_classes:
+      raise ValueError(f'sampling.class_label={s.class_label} is not a class of the model '
+                       f'(model.num_classes={num_classes}): valid choices are '
+                       f'0..{num_classes - 1}, or -1 for all')
+    return {'num_classes': num_classes}
   directory = classifier_dir(config, workdir)
   saved = run_classifier.read_definition(directory)
   checkpoints.find_step_dir(directory)
@@ -90,22 +103,34 @@ def run(config, workdir: pathlib.Path, params, step: int) -> dict:
   `digits_fid`."""
   s = config.sampling
   saved = check(config, workdir)
-  directory = classifier_dir(config, workdir)
-  classifier_params, classifier_step = checkpoints.restore_params(directory, use_ema=True)
-  logging.info('classifier of step %d from %s (%d classes), scale %g', classifier_step,
-               directory, saved['num_classes'], s.classifier_scale)
   sde = run_common.make_sde(config)
   model = make_model(config)
   mesh = distributed.make_mesh()
   batch_size = run_common.sharded_batch_size(min(s.batch_size, s.num_samples), mesh)
-  score_builder = run_common.score_fn_builder(model, sde, config.training.continuous)
-  logits_builder = run_classifier.logits_fn_builder(run_classifier.make_classifier(saved), sde)
-  scale = float(s.classifier_scale)
+  continuous = config.training.continuous
+  if run_common.is_class_conditional(config):
+    guidance, scale, classifier_params = 'free', float(s.cfg_weight), None
+    class_builder = run_common.class_score_fn_builder(model, sde, continuous)
+    logging.info('classifier-free guidance, weight %g (%d classes)', scale,
+                 saved['num_classes'])
 
-  def guided_builder(bundle):
-    return classifier_guidance.guided_score_fn(
-        score_builder(bundle['score']), logits_builder(bundle['classifier']), bundle['labels'],
-        scale)
+    def guided_builder(bundle):
+      return classifier_guidance.classifier_free_score_fn(
+          class_builder(bundle['score']), bundle['labels'], saved['num_classes'], scale)
+  else:
+    guidance, scale = 'classifier', float(s.classifier_scale)
+    directory = classifier_dir(config, workdir)
+    classifier_params, classifier_step = checkpoints.restore_params(directory, use_ema=True)
+    logging.info('classifier of step %d from %s (%d classes), scale %g', classifier_step,
+                 directory, saved['num_classes'], scale)
+    score_builder = run_common.score_fn_builder(model, sde, continuous)
+    logits_builder = run_classifier.logits_fn_builder(run_classifier.make_classifier(saved),
+                                                      sde)
+
+    def guided_builder(bundle):
+      return classifier_guidance.guided_score_fn(
+          score_builder(bundle['score']), logits_builder(bundle['classifier']),
+          bundle['labels'], scale)
 
   sampler = run_common.make_sampler(
       config, model, sde, (batch_size, *run_common.element_shape(config)),
@@ -139,7 +164,8 @@ def run(config, workdir: pathlib.Path, params, step: int) -> dict:
   if jax.process_index() == 0:
     out.mkdir(parents=True, exist_ok=True)
     np.savez(path, samples=samples, labels=labels, nfe=np.asarray(nfes), step=step,
-             scale=scale, **{k: result[k] for k in ('accuracy', 'digits_fid') if k in result})
+             scale=scale, guidance=guidance,
+             **{k: result[k] for k in ('accuracy', 'digits_fid') if k in result})
     _save_grid(out / f'class_{step}.png', samples, labels)
   logging.info('wrote %d class-conditional samples to %s (NFE per batch: %s)%s', len(samples),
                path, nfes, ''.join(f', {k}={result[k]:.4g}' for k in ('accuracy', 'digits_fid')

@@ -107,13 +107,15 @@ def is_toy(config: ConfigDict) -> bool:
 def make_data(
     config: ConfigDict, split: str, batch_size: int, *, num_epochs: int | None = None,
     shuffle: bool = True, seed: int | None = None, uniform_dequantization: bool | None = None,
-    num_threads: int | None = None, whole_batches: bool = False, with_labels: bool = False,
+    num_threads: int | None = None, whole_batches: bool = False,
+    with_labels: bool | None = None,
 ) -> datasets.Dataset:
   """The per-host input pipeline of `split` with the config's data settings.
 
   `seed` and `uniform_dequantization`, when given, replace the config's values; with
-  `whole_batches` every process reads every row (not only its own); `with_labels` adds the
-  class labels (`'label'`).
+  `whole_batches` every process reads every row (not only its own). `with_labels` adds the
+  class labels (`'label'`); by default a class-conditional model (`model.num_classes > 0`)
+  gets them.
   In-memory datasets (2-D toys, digits) are read in the caller's thread by default
   (`num_threads=0`): their batches cost well under a train step, and prefetch threads
   would only compete with XLA for the CPU cores; files (tfds, image folders) use grain's
@@ -123,6 +125,8 @@ def make_data(
     num_threads = 0
   if uniform_dequantization is None:
     uniform_dequantization = config.data.uniform_dequantization
+  if with_labels is None:
+    with_labels = is_class_conditional(config)
   return datasets.make_dataset(
       config.data.dataset,
       split=split,
@@ -140,6 +144,29 @@ def make_data(
       with_labels=with_labels,
       **(dict(process_index=0, process_count=1) if whole_batches else {}),
   )
+
+
+def is_class_conditional(config: ConfigDict) -> bool:
+  """Whether the score network takes class labels (`model.num_classes > 0`)."""
+  return config.model.get('num_classes', 0) > 0
+
+
+def check_class_labels(config: ConfigDict) -> None:
+  """A class-conditional model needs a labelled dataset with as many classes.
+
+  Raises:
+    ValueError: one line naming `model.num_classes` and what the data has.
+  """
+  if not is_class_conditional(config):
+    return
+  if is_toy(config) or config.data.dataset.lower() not in datasets.labelled_datasets():
+    raise ValueError(f'model.num_classes={config.model.num_classes} needs class labels, but '
+                     f'data.dataset={config.data.dataset} has none; labelled datasets: '
+                     f'{datasets.labelled_datasets()}')
+  data = make_data(config, 'train', 1)
+  if data.num_classes != config.model.num_classes:
+    raise ValueError(f'model.num_classes={config.model.num_classes} but data.dataset='
+                     f'{config.data.dataset} has {data.num_classes} classes')
 
 
 def is_in_memory(config: ConfigDict) -> bool:
@@ -166,8 +193,22 @@ def model_fn(model, params: Params, *, train: bool = False, dropout_key: jax.Arr
 
 
 def score_fn_builder(model, sde: sde_lib.SDE, continuous: bool) -> Callable[[Params], Callable]:
-  """`params -> score_fn(x, t)` for evaluation (no dropout)."""
+  """`params -> score_fn(x, t)` for evaluation (no dropout); a class-conditional network
+  gives its unconditional ("no class") score."""
   return lambda params: make_score_fn(model_fn(model, params), sde, continuous)
+
+
+def class_score_fn_builder(model, sde: sde_lib.SDE,
+                           continuous: bool) -> Callable[[Params], Callable]:
+  """`params -> class_score_fn(x, t, class_labels)` of a class-conditional network."""
+
+  def build(params):
+    def class_score_fn(x, t, class_labels):
+      network = functools.partial(model_fn(model, params), class_labels=class_labels)
+      return make_score_fn(network, sde, continuous)(x, t)
+    return class_score_fn
+
+  return build
 
 
 def make_loss_fn(config: ConfigDict, model, sde: sde_lib.SDE, *, train: bool = True) -> LossFn:
@@ -184,6 +225,7 @@ def make_loss_fn(config: ConfigDict, model, sde: sde_lib.SDE, *, train: bool = T
       sde, model, train=train, reduce_mean=training.reduce_mean,
       continuous=training.continuous, likelihood_weighting=training.likelihood_weighting,
       importance_weighting=training.importance_weighting, eps=training.eps,
+      class_dropout=training.class_dropout,
   )
   return lambda key, params, batch: loss_fn(params, key, batch)
 

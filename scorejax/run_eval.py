@@ -213,6 +213,7 @@ def validate(config, workdir: str) -> None:
   source = pathlib.Path(config.sampling.checkpoint) if config.sampling.checkpoint else \
       pathlib.Path(workdir)
   run_common.check_trained_settings(config, source)
+  run_common.check_class_labels(config)
   if config.eval.enable_loss or config.eval.enable_bpd:
     run_common.make_data(config, 'test', config.eval.batch_size, num_epochs=1, shuffle=False)
   if not config.eval.watch:

@@ -148,6 +148,7 @@ def validate(config, workdir: str) -> None:
   if config.training.snapshot_sampling:
     run_common.check_sampling(config)
   distributed.process_batch_slice(config.training.batch_size)
+  run_common.check_class_labels(config)
   for split in ('train', 'test'):
     run_common.make_data(config, split, config.training.batch_size)
 

@@ -223,3 +223,43 @@ def test_labeled_samples_and_components():
                      for k in range(3)], -1)
   np.testing.assert_allclose(log_posterior, joint - FULL.log_prob(x3, t, sde)[:, None],
                              rtol=1e-4, atol=1e-4)
+
+
+# -- classifier-free guidance ------------------------------------------------------------------
+
+
+def _exact_class_score_fn(data, sde):
+  """`s(x, t, y)`: component y's exact score, the mixture's for y = K ("no class")."""
+  def class_score_fn(x, t, labels):
+    scores = jnp.stack([data.component(k).score(x, t, sde) for k in range(data.num_components)]
+                       + [data.score(x, t, sde)])
+    return scores[labels, jnp.arange(x.shape[0])]
+  return class_score_fn
+
+
+@pytest.mark.parametrize('name', ['vpsde', 'vesde', 'cosinevpsde'])
+@pytest.mark.parametrize('weight', [0.0, 0.5, 3.0])
+def test_classifier_free_guidance_is_classifier_guidance_at_scale_one_plus_w(name, weight):
+  """(1 + w) s(x, t, y) - w s(x, t) = s(x, t) + (1 + w) grad log p_t(y | x), exactly."""
+  sde, data = ALL_SDES[name], FULL
+  key_x, key_t, key_k = jax.random.split(jax.random.key(1), 3)
+  x = 1.5 * jax.random.normal(key_x, (32, 3))
+  t = jax.random.uniform(key_t, (32,), minval=1e-3, maxval=1.0)
+  labels = jax.random.randint(key_k, (32,), 0, 3)
+  free = classifier_guidance.classifier_free_score_fn(
+      _exact_class_score_fn(data, sde), labels, null_label=3, weight=weight)
+  guided = classifier_guidance.guided_score_fn(
+      data.score_fn(sde), _exact_logits_fn(data, sde), labels, scale=1.0 + weight)
+  np.testing.assert_allclose(jax.jit(free)(x, t), guided(x, t), rtol=3e-4, atol=3e-4)
+
+
+def test_classifier_free_guidance_samples_the_class_at_weight_zero():
+  sde = SDES['vpsde']
+  labels = jnp.full((N_SAMPLES,), 2, jnp.int32)
+  score_fn = classifier_guidance.classifier_free_score_fn(
+      _exact_class_score_fn(MIXTURE, sde), labels, null_label=3)
+  samples, _ = fast_solvers.fast_sample(jax.random.key(4), score_fn, sde, (N_SAMPLES, 2),
+                                        n_steps=30)
+  _assert_law(samples, MIXTURE.component(2))
+  with pytest.raises(ValueError, match='weight must be finite and >= 0'):
+    classifier_guidance.classifier_free_score_fn(score_fn, labels, 3, weight=-0.1)

@@ -18,7 +18,14 @@ import jax
 import jax.numpy as jnp
 
 from scorejax.models import blocks
-from scorejax.models.layers import conv3x3, default_init, group_norm, positional_embedding
+from scorejax.models.layers import (
+    add_class_embedding,
+    check_class_labels,
+    conv3x3,
+    default_init,
+    group_norm,
+    positional_embedding,
+)
 from scorejax.models.ncsnpp import smld_sigmas
 
 Array = jax.Array
@@ -34,7 +41,8 @@ class DDPM(nn.Module):
     the time embedding, as in the reference, whatever `conditional` says);
     scale_by_sigma: divide by `sigmas[labels]` (SMLD table); centered:
     inputs in [-1, 1]; act: activation; sigma_min / sigma_max / num_scales: the SMLD
-    table used by `scale_by_sigma`.
+    table used by `scale_by_sigma`; num_classes: classes of a class-conditional network
+    (a `class_embedding` added to the time embedding; 0: unconditional).
   """
 
   nf: int = 128
@@ -49,14 +57,20 @@ class DDPM(nn.Module):
   sigma_min: float = 0.01
   sigma_max: float = 50.0
   num_scales: int = 1000
+  num_classes: int = 0
 
   @nn.compact
-  def __call__(self, x: Array, labels: Array, train: bool = False) -> Array:
-    """Args: x `[B, H, W, C]`; labels `[B]` time steps; train enables dropout."""
+  def __call__(self, x: Array, labels: Array, train: bool = False,
+               class_labels: Array | None = None) -> Array:
+    """Args: x `[B, H, W, C]`; labels `[B]` time steps; train enables dropout; class_labels
+    `[B]` (class-conditional networks, `num_classes > 0`; None: no class)."""
+    check_class_labels(self.num_classes, class_labels)
     num_resolutions = len(self.ch_mult)
     temb = positional_embedding(labels, self.nf)
     temb = nn.Dense(self.nf * 4, kernel_init=default_init())(temb)
     temb = nn.Dense(self.nf * 4, kernel_init=default_init())(self.act(temb))
+    if self.num_classes:
+      temb = add_class_embedding(temb, class_labels, self.num_classes)
 
     def resnet_block(out_ch=None):
       return blocks.ResnetBlockDDPM(act=self.act, out_ch=out_ch, dropout=self.dropout)

@@ -54,7 +54,16 @@ def _make_mlp(model: ConfigSection, data: ConfigSection | None) -> nn.Module:
       fourier_scale=float(model.get('fourier_scale', 16.0)),
       scale_by_sigma=bool(model.get('scale_by_sigma', False)),
       act=layers.get_activation(model.get('nonlinearity', 'swish')),
+      num_classes=_num_classes(model),
   )
+
+
+def _num_classes(model: ConfigSection) -> int:
+  num_classes = int(model.get('num_classes', 0))
+  if num_classes < 0:
+    raise ValueError(f'config.model.num_classes must be >= 0 (0: unconditional), got '
+                     f'{num_classes}')
+  return num_classes
 
 
 def _choice(model: ConfigSection, key: str, valid: tuple[str, ...],
@@ -106,10 +115,14 @@ def _unet_fields(model: ConfigSection, data: ConfigSection | None) -> dict[str, 
       sigma_min=float(model.get('sigma_min', 0.01)),
       sigma_max=float(model.get('sigma_max', 50.0)),
       num_scales=int(model.get('num_scales', 1000)),
+      num_classes=_num_classes(model),
   )
 
 
 def _make_ncsnpp(model: ConfigSection, data: ConfigSection | None) -> nn.Module:
+  if _num_classes(model) and not bool(model.get('conditional', True)):
+    raise ValueError('config.model.num_classes > 0 adds the class to the time embedding: it '
+                     'needs config.model.conditional=True')
   return NCSNpp(
       **_unet_fields(model, data),
       conditional=bool(model.get('conditional', True)),
@@ -150,7 +163,8 @@ def make_model(config: Any) -> nn.Module:
       section and, for image networks, a `data` section.
 
   Returns:
-    A Flax Linen module, `apply(variables, x, labels, train=False)`.
+    A Flax Linen module, `apply(variables, x, labels, train=False)` (class-conditional
+    networks, `model.num_classes > 0`, also take `class_labels=[B]`).
 
   Raises:
     ValueError: for an unknown model name (listing the valid ones) or settings the

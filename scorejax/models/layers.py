@@ -71,6 +71,31 @@ def positional_embedding(timesteps: Array, embedding_dim: int, max_positions: in
   return emb
 
 
+def add_class_embedding(temb: Array, class_labels: Array | None, num_classes: int) -> Array:
+  """`temb + E[y]`: the class embedding of a class-conditional network (call inside a
+  compact module; creates its `class_embedding` parameter `[num_classes + 1, D]`).
+
+  Row `num_classes` is "no class": `class_labels=None` selects it for the whole batch, as
+  does a label of `num_classes` for one example (classifier-free guidance trains both). The
+  table starts at zero, so a new class-conditional network starts as its unconditional self.
+  """
+  if class_labels is None:
+    class_labels = jnp.full((temb.shape[0],), num_classes, jnp.int32)
+  table = nn.Embed(num_classes + 1, temb.shape[-1], embedding_init=nn.initializers.zeros,
+                   name='class_embedding')
+  return temb + table(jnp.asarray(class_labels, jnp.int32))
+
+
+def check_class_labels(num_classes: int, class_labels: Array | None) -> None:
+  """Class labels are only for class-conditional networks (`num_classes > 0`).
+
+  Raises:
+    ValueError: labels given to an unconditional network.
+  """
+  if class_labels is not None and not num_classes:
+    raise ValueError('class_labels given to a network without classes (model.num_classes=0)')
+
+
 class GaussianFourierProjection(nn.Module):
   """Random Fourier features `[sin 2 pi s W, cos 2 pi s W]` of a scalar `s [B]`.
 

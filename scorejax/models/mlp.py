@@ -30,6 +30,7 @@ class MLPScoreNet(nn.Module):
     fourier_scale: std of the Fourier frequencies.
     scale_by_sigma: divide the output by `labels` (VE continuous: labels = sigma).
     act: activation.
+    num_classes: classes of a class-conditional network (`class_labels`; 0: none).
   """
 
   hidden: int = 128
@@ -39,10 +40,13 @@ class MLPScoreNet(nn.Module):
   fourier_scale: float = 16.0
   scale_by_sigma: bool = False
   act: Callable[[Array], Array] = nn.swish
+  num_classes: int = 0
 
   @nn.compact
-  def __call__(self, x: Array, labels: Array, train: bool = False) -> Array:
+  def __call__(self, x: Array, labels: Array, train: bool = False,
+               class_labels: Array | None = None) -> Array:
     del train  # no dropout / batch statistics
+    layers.check_class_labels(self.num_classes, class_labels)
     shape = x.shape  # images [B, H, W, C] are modelled as flat vectors [B, H * W * C]
     x = x.reshape(shape[0], -1)
     if self.embedding_type == 'fourier':
@@ -55,6 +59,8 @@ class MLPScoreNet(nn.Module):
                        "valid choices: ['fourier', 'positional']")
     temb = nn.Dense(self.hidden, name='temb_dense_0')(temb)
     temb = nn.Dense(self.hidden, name='temb_dense_1')(self.act(temb))
+    if self.num_classes:
+      temb = layers.add_class_embedding(temb, class_labels, self.num_classes)
     h = nn.Dense(self.hidden, name='input')(x)
     for i in range(self.num_layers):
       r = nn.Dense(self.hidden, name=f'block_{i}_dense_0')(self.act(h))

@@ -27,6 +27,8 @@ import numpy as np
 from scorejax.models import blocks
 from scorejax.models.layers import (
     GaussianFourierProjection,
+    add_class_embedding,
+    check_class_labels,
     conv3x3,
     default_init,
     group_norm,
@@ -73,6 +75,8 @@ class NCSNpp(nn.Module):
     act: activation.
     sigma_min, sigma_max, num_scales: the SMLD sigma table, read only with positional
       embedding and `scale_by_sigma` (labels are then indices into it).
+    num_classes: classes of a class-conditional network (a `class_embedding` added to the
+      time embedding; needs `conditional`); 0: unconditional, the reference's network.
   """
 
   nf: int = 128
@@ -98,6 +102,7 @@ class NCSNpp(nn.Module):
   sigma_min: float = 0.01
   sigma_max: float = 50.0
   num_scales: int = 1000
+  num_classes: int = 0
 
   def _resnet_block(self, **kwargs) -> nn.Module:
     common = dict(act=self.act, dropout=self.dropout, init_scale=self.init_scale,
@@ -118,8 +123,11 @@ class NCSNpp(nn.Module):
     return conv3x3(h, out_ch, init_scale=self.init_scale if init_scale is None else init_scale)
 
   @nn.compact
-  def __call__(self, x: Array, labels: Array, train: bool = False) -> Array:
-    """Args: x `[B, H, W, C]`; labels `[B]`; train enables dropout. Returns `[B, H, W, C]`."""
+  def __call__(self, x: Array, labels: Array, train: bool = False,
+               class_labels: Array | None = None) -> Array:
+    """Args: x `[B, H, W, C]`; labels `[B]`; train enables dropout; class_labels `[B]`
+    (class-conditional networks, `num_classes > 0`; None: no class). Returns `[B, H, W, C]`."""
+    check_class_labels(self.num_classes, class_labels)
     channels = x.shape[-1]
     num_resolutions = len(self.ch_mult)
 
@@ -135,6 +143,8 @@ class NCSNpp(nn.Module):
     if self.conditional:
       temb = nn.Dense(self.nf * 4, kernel_init=default_init())(temb)
       temb = nn.Dense(self.nf * 4, kernel_init=default_init())(self.act(temb))
+      if self.num_classes:
+        temb = add_class_embedding(temb, class_labels, self.num_classes)
     else:
       temb = None
 
