@@ -18,9 +18,12 @@ with the digits-FID of the samples. The same seed and checkpoints give the same 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import pathlib
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -90,23 +93,42 @@ def check(config, workdir: pathlib.Path) -> dict:
   return saved
 
 
-def _labels(config, num_classes: int) -> np.ndarray:
-  count, label = config.sampling.num_samples, config.sampling.class_label
-  if label >= 0:
-    return np.full((count,), label, np.int32)
+def sample_labels(num_classes: int, count: int, class_label: int) -> np.ndarray:
+  """`count` labels: all `class_label`, or for -1 the classes 0, 1, ..., K-1 in turn."""
+  if class_label >= 0:
+    return np.full((count,), class_label, np.int32)
   return (np.arange(count) % num_classes).astype(np.int32)
 
 
-def run(config, workdir: pathlib.Path, params, step: int) -> dict:
-  """Draws class-conditional samples with the restored score `params`; returns
-  `{'path', 'nfe', 'step'}` and, on the digits, the evaluator's `accuracy` and
-  `digits_fid`."""
+@dataclasses.dataclass(frozen=True)
+class ClassSampler:
+  """The guided sampler of `sampling.*`, compiled for batches of `batch_size` rows.
+
+  `sampler(key, params, labels [n <= batch_size]) -> (samples [batch_size, ...] split over
+  the devices, nfe)`: rows past `n` repeat the last label and are to be dropped.
+  """
+
+  sample_fn: Callable[[jax.Array, dict], tuple[jax.Array, jax.Array]]
+  classifier_params: Any
+  num_classes: int
+  guidance: str  # 'classifier' or 'free'
+  scale: float  # the classifier scale or the classifier-free weight
+  batch_size: int
+
+  def __call__(self, key: jax.Array, params, labels: np.ndarray):
+    labels = np.asarray(labels, np.int32)
+    padded = np.concatenate([labels, np.repeat(labels[-1:], self.batch_size - len(labels))])
+    bundle = {'score': params, 'classifier': self.classifier_params, 'labels': padded}
+    return self.sample_fn(key, bundle)
+
+
+def make_class_sampler(config, workdir: pathlib.Path, model, sde, batch_size: int,
+                       mesh=None) -> ClassSampler:
+  """The class-conditional sampler of `config` (`check` first), guided by the workdir's
+  classifier, or classifier-free for a class-conditional model."""
   s = config.sampling
   saved = check(config, workdir)
-  sde = run_common.make_sde(config)
-  model = make_model(config)
-  mesh = distributed.make_mesh()
-  batch_size = run_common.sharded_batch_size(min(s.batch_size, s.num_samples), mesh)
+  mesh = mesh or distributed.make_mesh()
   continuous = config.training.continuous
   if run_common.is_class_conditional(config):
     guidance, scale, classifier_params = 'free', float(s.cfg_weight), None
@@ -138,16 +160,28 @@ def run(config, workdir: pathlib.Path, params, step: int) -> dict:
   replicated = distributed.replicated_sharding(mesh)
   sample_fn = jax.jit(sampler, in_shardings=(replicated, replicated),
                       out_shardings=(distributed.batch_sharding(mesh), replicated))
-  labels = _labels(config, saved['num_classes'])
+  return ClassSampler(sample_fn, classifier_params, saved['num_classes'], guidance, scale,
+                      batch_size)
+
+
+def run(config, workdir: pathlib.Path, params, step: int) -> dict:
+  """Draws class-conditional samples with the restored score `params`; returns
+  `{'path', 'nfe', 'step'}` and, on the digits, the evaluator's `accuracy` and
+  `digits_fid`."""
+  s = config.sampling
+  mesh = distributed.make_mesh()
+  batch_size = run_common.sharded_batch_size(min(s.batch_size, s.num_samples), mesh)
+  sampler = make_class_sampler(config, workdir, make_model(config), run_common.make_sde(config),
+                               batch_size, mesh)
+  guidance, scale = sampler.guidance, sampler.scale
+  labels = sample_labels(sampler.num_classes, s.num_samples, s.class_label)
   key = jax.random.fold_in(jax.random.key(config.seed), CLASS_STREAM)
   chunks, nfes = [], []
   with tqdm.tqdm(total=len(labels), desc='class', unit='img',
                  disable=jax.process_index() != 0, dynamic_ncols=True) as progress:
     for index, start in enumerate(range(0, len(labels), batch_size)):
       part = labels[start:start + batch_size]
-      padded = np.concatenate([part, np.repeat(part[-1:], batch_size - len(part))])
-      bundle = {'score': params, 'classifier': classifier_params, 'labels': padded}
-      samples, nfe = sample_fn(jax.random.fold_in(key, index), bundle)
+      samples, nfe = sampler(jax.random.fold_in(key, index), params, part)
       chunks.append(run_common.host_array(samples)[:len(part)])
       nfes.append(int(run_common.host_array(nfe)))
       progress.update(len(part))

@@ -6,8 +6,8 @@ the score model: `scorejax.classifier_guidance.classifier_loss` on the labelled 
 split with the data settings (`data.*`) and forward SDE (`training.sde`, `model.*` noise
 settings) of the score model, and the network and optimizer of `classifier.*`. Data
 parallel over every device and process as training is (`train.make_train_step`: replicated
-state, batch split over the mesh, an EMA of the parameters); a rerun resumes from the newest
-checkpoint.
+state, batch split over the mesh, an EMA of the parameters); SIGTERM saves a checkpoint, and
+a rerun resumes from the newest one.
 
 Writes under `<workdir>/classifier/` (process 0): `checkpoints/`, `metrics.jsonl` and
 TensorBoard events, `config.json` (what defines the classifier: `classifier.*`, the number
@@ -137,7 +137,12 @@ def validate(config, workdir: str) -> None:
 
 
 def run(config, workdir: str) -> dict:
-  """Trains (or resumes) the classifier; returns `{'step', 'accuracy': {t: accuracy}}`."""
+  """Trains (or resumes) the classifier; returns `{'step', 'status', 'accuracy': {t: value}}`.
+
+  SIGTERM saves a checkpoint after the current step and returns with status 'preempted'
+  (no accuracy table); a rerun resumes there, and training to the end gives the same
+  parameters as an uninterrupted run.
+  """
   c = config.classifier
   directory = pathlib.Path(workdir) / CLASSIFIER_DIR
   is_main = jax.process_index() == 0
@@ -185,10 +190,14 @@ def run(config, workdir: str) -> dict:
   pending: list[dict] = []
   progress = tqdm.tqdm(total=c.n_iters, initial=step, disable=not is_main, desc='classifier',
                        dynamic_ncols=True)
+  preemption = run_train.Preemption()
+  status = 'done'
   try:
     while step < c.n_iters:
       batch = distributed.global_batch({k: v[None] for k, v in next(iterator).items()},
                                        stacked_batch, batch_axis=1)
+      if pending:  # one step in flight at a time, as in run_train (CPU all-reduce queues)
+        jax.block_until_ready(pending[-1]['loss'])
       state, metrics = train_step(state, batch, train_key)
       pending.append(metrics)
       step += 1
@@ -205,18 +214,29 @@ def run(config, workdir: str) -> dict:
         writer.write_scalars(step, scalars)
         progress.set_postfix(loss=f"{scalars['loss']:.3f}", acc=f"{scalars['accuracy']:.3f}",
                              refresh=False)
+      requested = preemption.requested
       if step % c.snapshot_freq == 0 or step == c.n_iters:
         checkpointer.save(step, state, {'step': step})
+      elif requested:
+        logging.warning('SIGTERM received: saving the classifier at step %d', step)
+        checkpointer.save(step, state, {'step': step}, preemption=True)
+      if requested:
+        status = 'preempted'
+        break
   finally:
+    preemption.restore()
     progress.close()
     checkpointer.wait()
     writer.close()
+  if status == 'preempted':
+    return {'step': step, 'status': status}
   accuracy = evaluate(config, classifier, sde, state.ema_params, mesh)
   if is_main:
     (directory / 'accuracy.json').write_text(json.dumps({'step': step, **accuracy}, indent=2))
   logging.info('classifier step %d, test accuracy by time: %s', step,
                {t: round(float(v['accuracy']), 4) for t, v in accuracy.items()})
-  return {'step': step, 'accuracy': {t: v['accuracy'] for t, v in accuracy.items()}}
+  return {'step': step, 'status': status,
+          'accuracy': {t: v['accuracy'] for t, v in accuracy.items()}}
 
 
 def evaluate(config, classifier, sde, params, mesh) -> dict[str, dict[str, float]]:

@@ -210,6 +210,10 @@ def validate(config, workdir: str) -> None:
     except ValueError as error:
       raise ValueError(f'likelihood settings (eval.rtol, eval.atol): {error}') from None
   run_eval_samples.validate(config)
+  if config.eval.enable_sampling and run_eval_samples.is_class_conditional(config):
+    from scorejax import run_class_conditional
+
+    run_class_conditional.check(config, pathlib.Path(workdir))
   source = pathlib.Path(config.sampling.checkpoint) if config.sampling.checkpoint else \
       pathlib.Path(workdir)
   run_common.check_trained_settings(config, source)

@@ -18,6 +18,12 @@ of scoring the shards of an earlier run.
            statistics `eval.fid_stats_path`, and KID when that file holds raw `pool_3`
            features (score_sde's stats files).
 
+With `sampling.condition=class` the samples are class-conditional
+(`run_class_conditional.make_class_sampler`: classifier or classifier-free guidance), each
+shard drawing the labels 0, 1, ..., K-1 in turn (or `sampling.class_label`); the digits then
+also get `accuracy`, how often the digits classifier reads the requested class, and FID /
+IS / KID are those of the class-balanced samples (the "conditional FID" of guided samplers).
+
 `validate(config)` checks the files of the 'images' kind up front, so a run without them
 fails at start-up with one line (which file, which field, how to get it).
 
@@ -90,19 +96,41 @@ def validate(config) -> None:
 _NOT_SAMPLER_SETTINGS = ('num_samples', 'condition', 'mask', 'n_resample', 'guidance')
 
 
-def sampler_settings(config) -> dict:
+# Settings of class-conditional sampling, which count only with `sampling.condition=class`
+# (so unconditional samples keep the tags they had before these settings existed).
+_CLASS_SETTINGS = ('class_label', 'classifier_scale', 'cfg_weight', 'classifier')
+
+
+def is_class_conditional(config) -> bool:
+  """Whether the eval samples are class-conditional (`sampling.condition=class`)."""
+  return config.sampling.condition == 'class'
+
+
+def sampler_settings(config, workdir: pathlib.Path | None = None) -> dict:
   """The settings the eval samples of a checkpoint depend on, besides its parameters (shard
-  `k` draws from `fold_in(key, k)`, so the shard size, rounded to the devices, counts too)."""
+  `k` draws from `fold_in(key, k)`, so the shard size, rounded to the devices, counts too;
+  classifier guidance also depends on the classifier's checkpoint step)."""
+  conditional = is_class_conditional(config)
   sampling = {k: v for k, v in config.sampling.to_dict().items()
-              if k not in _NOT_SAMPLER_SETTINGS}
-  return {'seed': config.seed, 'sampling': sampling, 'model': config.model.to_dict(),
-          'data': config.data.to_dict(), 'rows_per_shard': shard_size(config),
-          'training': {k: config.training[k] for k in ('sde', 'continuous')}}
+              if k not in _NOT_SAMPLER_SETTINGS and (conditional or k not in _CLASS_SETTINGS)}
+  model = {k: v for k, v in config.model.to_dict().items()
+           if k != 'num_classes' or v}
+  settings = {'seed': config.seed, 'sampling': sampling, 'model': model,
+              'data': config.data.to_dict(), 'rows_per_shard': shard_size(config),
+              'training': {k: config.training[k] for k in ('sde', 'continuous')}}
+  if conditional:
+    settings['condition'] = 'class'
+    if not run_common.is_class_conditional(config) and workdir is not None:
+      from scorejax import checkpoints, run_class_conditional
+
+      step_dir = checkpoints.find_step_dir(run_class_conditional.classifier_dir(config, workdir))
+      settings['classifier_checkpoint'] = str(step_dir.resolve())
+  return settings
 
 
 def samples_directory(config, workdir: pathlib.Path, step: int) -> pathlib.Path:
   """`workdir/eval/ckpt_<step>/sampler_<tag>`, `<tag>` a hash of `sampler_settings`."""
-  text = json.dumps(sampler_settings(config), sort_keys=True, default=str)
+  text = json.dumps(sampler_settings(config, workdir), sort_keys=True, default=str)
   tag = hashlib.sha256(text.encode()).hexdigest()[:10]
   return workdir / 'eval' / f'ckpt_{step}' / f'sampler_{tag}'
 
@@ -122,8 +150,19 @@ def evaluate_samples(context: EvalContext) -> dict[str, float]:
   """
   config = context.config
   num_samples = config.eval.num_samples
-  sampler = run_common.make_sharded_sampler(config, context.model, context.sde,
-                                            shard_size(config))
+  rows = shard_size(config)
+  labels = None
+  if is_class_conditional(config):
+    from scorejax import run_class_conditional
+
+    class_sampler = run_class_conditional.make_class_sampler(
+        config, context.workdir, context.model, context.sde, rows)
+    # Every shard draws the same labels (balanced over the classes for class_label=-1).
+    labels = run_class_conditional.sample_labels(class_sampler.num_classes, rows,
+                                                 config.sampling.class_label)
+    sampler = lambda key, params: class_sampler(key, params, labels)
+  else:
+    sampler = run_common.make_sharded_sampler(config, context.model, context.sde, rows)
   nfes: list[int] = []
 
   def draw(key: jax.Array) -> np.ndarray:
@@ -134,8 +173,8 @@ def evaluate_samples(context: EvalContext) -> dict[str, float]:
   directory = samples_directory(config, context.workdir, context.step)
   if jax.process_index() == 0 and not (directory / 'settings.json').is_file():
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / 'settings.json').write_text(
-        json.dumps(sampler_settings(config), indent=2, sort_keys=True, default=str))
+    (directory / 'settings.json').write_text(json.dumps(
+        sampler_settings(config, context.workdir), indent=2, sort_keys=True, default=str))
   logging.info('eval samples of step %d in %s', context.step, directory)
   key = jax.random.fold_in(context.key, SAMPLES_STREAM)
   paths = write_shards(draw, key, directory, num_samples, shard_size(config))
@@ -152,7 +191,8 @@ def evaluate_samples(context: EvalContext) -> dict[str, float]:
     else:
       from scorejax import digits_classifier
 
-      result = digits_classifier.load_evaluator().metrics(samples)
+      shard_labels = None if labels is None else np.resize(labels, len(samples))
+      result = digits_classifier.load_evaluator().metrics(samples, shard_labels)
     result['num_samples'] = float(len(samples))
   result['sample_shards_drawn'] = len(nfes)
   if nfes:

@@ -60,7 +60,7 @@ def _crossed(previous: int, current: int, freq: int) -> bool:
   return current // freq > previous // freq
 
 
-class _Preemption:
+class Preemption:
   """Turns SIGTERM into a flag the loop checks between steps."""
 
   def __init__(self):
@@ -220,7 +220,7 @@ def run(config, workdir: str) -> dict:
   score_builder = run_common.score_fn_builder(model, sde, training.continuous)
 
   writer = MetricWriter(workdir)
-  preemption = _Preemption()
+  preemption = Preemption()
   iterator = train_data.iterator(start_step=data_state['step'])
   progress = tqdm.tqdm(total=training.n_iters, initial=step, disable=not is_main,
                        desc='train', dynamic_ncols=True)

@@ -40,19 +40,32 @@ def test_train_classifier_writes_its_files(trained):
 
 
 @pytest.mark.slow
-def test_resumed_classifier_equals_an_uninterrupted_one(trained, tmp_path):
-  """Resuming 20 -> 30 equals training 0 -> 30 in one go, bit for bit."""
-  directory = trained[0] / 'classifier'
-  longer = load_config(**DIGITS, **{'classifier.n_iters': 30})
-  copy = tmp_path / 'copy'
-  copy.mkdir()
-  (copy / 'classifier').symlink_to(directory, target_is_directory=True)
-  resumed = run_classifier.run(longer, str(copy))
-  assert resumed['step'] == 30
-  fresh = tmp_path / 'fresh'
-  run_classifier.run(longer, str(fresh))
-  assert_trees_equal(checkpoints.restore_params(directory)[0],
-                     checkpoints.restore_params(fresh / 'classifier')[0])
+def test_preempted_classifier_resumes_to_the_uninterrupted_one(trained, tmp_path, monkeypatch):
+  """SIGTERM (here: the flag it sets, raised after 13 steps) saves a checkpoint and stops;
+  the rerun ends with the parameters of the uninterrupted 20-step run, bit for bit."""
+
+  class SigtermAfter13Steps:
+    polls = 0
+
+    @property
+    def requested(self):  # polled once per step
+      SigtermAfter13Steps.polls += 1
+      return SigtermAfter13Steps.polls >= 13
+
+    def restore(self):
+      pass
+
+  config = load_config(**DIGITS)
+  workdir = tmp_path / 'preempted'
+  with monkeypatch.context() as patch:
+    patch.setattr(run_train, 'Preemption', SigtermAfter13Steps)
+    out = run_classifier.run(config, str(workdir))
+  assert out == {'step': 13, 'status': 'preempted'}
+  assert (workdir / 'classifier' / 'checkpoints-meta' / '13').is_dir()
+  assert not (workdir / 'classifier' / 'accuracy.json').exists()
+  assert run_classifier.run(config, str(workdir))['status'] == 'done'
+  assert_trees_equal(checkpoints.restore_params(trained[0] / 'classifier', 20)[0],
+                     checkpoints.restore_params(workdir / 'classifier', 20)[0])
 
 
 @pytest.mark.parametrize('label', [-1, 3])
@@ -213,3 +226,31 @@ def test_bad_classifier_free_sampling_fails_up_front(tmp_path, overrides, expect
   with pytest.raises(ValueError) as error:
     run_sample.validate(config, str(tmp_path))
   assert expected in str(error.value)
+
+
+def test_eval_scores_class_conditional_samples(trained):
+  """`--mode=eval` with `sampling.condition=class`: guided samples in resumable shards, each
+  shard with the labels 0..K-1 in turn, scored with the requested classes (accuracy)."""
+  from scorejax import run_eval, run_eval_samples
+
+  workdir, _ = trained
+  overrides = {**DIGITS, 'sampling.condition': 'class', 'sampling.batch_size': 8,
+               'eval.num_samples': 12, 'eval.enable_loss': False, 'eval.enable_bpd': False,
+               'sampling.classifier_scale': 3.0}
+  config = load_config(**overrides)
+  run_eval.validate(config, str(workdir))
+  first = run_eval.run(config, str(workdir))[0]
+  assert first['sample_shards_drawn'] == 2 and first['num_samples'] == 12
+  assert 0.0 <= first['accuracy'] <= 1.0 and first['digits_fid'] > 0
+  again = run_eval.run(config, str(workdir))[0]
+  assert again['sample_shards_drawn'] == 0 and again['accuracy'] == first['accuracy']
+  # Class settings name their own samples; they do not touch unconditional ones.
+  directory = run_eval_samples.samples_directory(config, workdir, 20)
+  assert json.loads((directory / 'settings.json').read_text())['condition'] == 'class'
+  other = load_config(**{**overrides, 'sampling.classifier_scale': 1.0})
+  assert run_eval_samples.samples_directory(other, workdir, 20) != directory
+  plain = {**DIGITS, 'sampling.batch_size': 8}
+  assert run_eval_samples.samples_directory(load_config(**plain), workdir, 20) == \
+      run_eval_samples.samples_directory(
+          load_config(**plain, **{'sampling.classifier_scale': 3.0,
+                                  'sampling.cfg_weight': 2.0}), workdir, 20)
