@@ -254,3 +254,47 @@ def test_eval_scores_class_conditional_samples(trained):
       run_eval_samples.samples_directory(
           load_config(**plain, **{'sampling.classifier_scale': 3.0,
                                   'sampling.cfg_weight': 2.0}), workdir, 20)
+
+
+@pytest.mark.slow
+def test_two_processes_train_and_guide_as_one(tmp_path):
+  """Classifier training and class-conditional sampling over two CPU processes (gloo)
+  match one process with two devices."""
+  import os
+  import socket
+  import subprocess
+  import sys
+
+  from test_main import MAIN, ROOT
+
+  common = ['--config=configs/smoke.py', '--config.data.dataset=digits',
+            '--config.data.num_channels=1', '--config.data.image_size=8',
+            '--config.training.n_iters=10', '--config.training.snapshot_sampling=False',
+            '--config.classifier.n_iters=10', '--config.sampling.condition=class',
+            '--config.sampling.num_samples=8', '--config.sampling.batch_size=8']
+  modes = ['train', 'train_classifier', 'sample']
+  for mode in modes:
+    run_main(f'--workdir={tmp_path / "single"}', *common, f'--mode={mode}',
+             env={'XLA_FLAGS': '--xla_force_host_platform_device_count=2'})
+  for mode in modes:
+    with socket.socket() as sock:
+      sock.bind(('127.0.0.1', 0))
+      port = sock.getsockname()[1]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(MAIN), f'--workdir={tmp_path / "multi"}', *common,
+             f'--mode={mode}', f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+             f'--process_id={i}'],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1'))
+        for i in range(2)]
+    for process in processes:
+      _, stderr = process.communicate(timeout=300)
+      assert process.returncode == 0, stderr[-3000:]
+  assert_trees_equal(checkpoints.restore_params(tmp_path / 'multi' / 'classifier')[0],
+                     checkpoints.restore_params(tmp_path / 'single' / 'classifier')[0],
+                     atol=1e-6)
+  multi = np.load(tmp_path / 'multi' / 'samples' / 'class_10.npz')
+  single = np.load(tmp_path / 'single' / 'samples' / 'class_10.npz')
+  np.testing.assert_array_equal(multi['labels'], single['labels'])
+  np.testing.assert_allclose(multi['samples'], single['samples'], atol=1e-4)
