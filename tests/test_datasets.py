@@ -1,15 +1,14 @@
 """Input pipelines: values, determinism, per-host sharding, resuming, and the real tfds /
 image-folder code paths on tiny data written into tmp_path."""
 
-import io
 import json
-import pathlib
 import shutil
 import time
 
 import jax
 import numpy as np
 import pytest
+from conftest import tiny_cifar_images
 from PIL import Image
 from sklearn.datasets import load_digits
 
@@ -227,58 +226,6 @@ def test_unprepared_tfds_dataset_fails_fast_without_writing(tmp_path):
   assert not data_dir.exists() and list(tmp_path.iterdir()) == []
 
 
-def _png(array):
-  buffer = io.BytesIO()
-  Image.fromarray(array).save(buffer, format='PNG')
-  buffer.seek(0)
-  return buffer
-
-
-def _tiny_cifar_images(split):
-  rng = np.random.default_rng({'train': 0, 'test': 1}[split])
-  return rng.integers(0, 256, ({'train': 12, 'test': 4}[split], 32, 32, 3), dtype=np.uint8)
-
-
-@pytest.fixture(scope='module')
-def tiny_cifar10_dir(tmp_path_factory):
-  """A 12 + 4 image dataset prepared by tfds in array_record format, laid out as cifar10.
-
-  It is written by a builder with cifar10's features (PNG-encoded images, so no TensorFlow
-  is needed) and then renamed to cifar10's name and version, so `make_dataset('cifar10')`
-  runs the real `tfds.builder -> is_prepared -> data_source -> grain` path on it.
-  """
-  import tensorflow_datasets as tfds
-
-  class TinyCifarForScorejax(tfds.core.GeneratorBasedBuilder):
-    VERSION = tfds.core.Version('3.0.2')
-
-    def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          'id': tfds.features.Text(),
-          'image': tfds.features.Image(shape=(32, 32, 3)),
-          'label': tfds.features.ClassLabel(num_classes=10)}))
-
-    def _split_generators(self, dl_manager):
-      return {split: self._generate_examples(split) for split in ('train', 'test')}
-
-    def _generate_examples(self, split):
-      for i, image in enumerate(_tiny_cifar_images(split)):
-        yield i, {'id': f'{split}_{i}', 'image': _png(image), 'label': i % 10}
-
-  root = tmp_path_factory.mktemp('tfds')
-  builder = TinyCifarForScorejax(data_dir=str(root / 'build'), file_format='array_record')
-  builder.download_and_prepare()
-  source = pathlib.Path(builder.data_dir)
-  target = root / 'data' / 'cifar10' / '3.0.2'
-  target.mkdir(parents=True)
-  for path in source.iterdir():
-    shutil.copy(path, target / path.name.replace(builder.name, 'cifar10'))
-  info = json.loads((target / 'dataset_info.json').read_text())
-  info['name'] = 'cifar10'
-  (target / 'dataset_info.json').write_text(json.dumps(info))
-  return str(root / 'data')
-
-
 def test_tfds_cifar10_reads_the_prepared_array_records(tiny_cifar10_dir):
   ds = datasets.make_dataset('cifar10', split='eval', batch_size=4, image_size=32,
                              shuffle=False, data_dir=tiny_cifar10_dir, num_epochs=1,
@@ -289,7 +236,7 @@ def test_tfds_cifar10_reads_the_prepared_array_records(tiny_cifar10_dir):
   read = np.round(batch['image'] * 255.0).reshape(4, -1)
   np.testing.assert_allclose(batch['image'] * 255.0, np.round(batch['image'] * 255.0), atol=1e-4)
   np.testing.assert_array_equal(np.unique(read, axis=0),
-                                np.unique(_tiny_cifar_images('test').reshape(4, -1), axis=0))
+                                np.unique(tiny_cifar_images('test').reshape(4, -1), axis=0))
 
   kwargs = dict(split='train', batch_size=4, image_size=16, data_dir=tiny_cifar10_dir,
                 random_flip=True, uniform_dequantization=True, seed=2, num_threads=0)
@@ -311,7 +258,7 @@ def test_tfds_labels_follow_their_images(tiny_cifar10_dir):
   ds = datasets.make_dataset('cifar10', split='train', batch_size=6, image_size=32, seed=3,
                              data_dir=tiny_cifar10_dir, num_threads=0, with_labels=True)
   assert ds.num_classes == 10
-  stored = _tiny_cifar_images('train').reshape(12, -1).astype(np.float32)
+  stored = tiny_cifar_images('train').reshape(12, -1).astype(np.float32)
   for step in (0, 3):
     batch = ds.batch_at(step)
     assert batch['label'].dtype == np.int32 and batch['label'].shape == (6,)
