@@ -10,7 +10,8 @@ embedding added to the time embedding, labels dropped to "no class" with probabi
 samples (`sampling.condition=class`, the digits 0-9 in turn) with classifier-free guidance
 weight `sampling.cfg_weight` = 1, the best digits-FID of docs/benchmarks.md's sweep; eval
 scores them (accuracy, digits-FID) and reports the loss and the bits/dim of the
-unconditional ("no class") part.
+unconditional ("no class") part (`bpd`) and given each test digit's label
+(`bpd_conditional`).
 """
 
 from configs.default import get_default_configs

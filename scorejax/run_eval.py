@@ -46,8 +46,9 @@ from scorejax.models import make_model
 
 EVAL_MODE_STREAM = 5  # fold_in constant of the eval-mode key
 # Headline numbers printed after each checkpoint.
-SUMMARY_KEYS = ('eval_loss', 'bpd', 'bpd_median', 'nll', 'true_nll', 'digits_fid', 'digits_is',
-                'fid', 'inception_score', 'kid', 'sample_swd', 'sample_mmd', 'sample_nll')
+SUMMARY_KEYS = ('eval_loss', 'bpd', 'bpd_median', 'bpd_conditional', 'nll', 'true_nll',
+                'digits_fid', 'digits_is', 'accuracy', 'fid', 'inception_score', 'kid',
+                'sample_swd', 'sample_mmd', 'sample_nll')
 
 
 @dataclasses.dataclass
@@ -98,7 +99,11 @@ def bits_per_dim_offset(config) -> float:
 
 
 def evaluate_bpd(context: EvalContext) -> dict[str, float]:
-  """Bits/dim (images) or NLL in nats (2-D data) through the probability-flow ODE."""
+  """Bits/dim (images) or NLL in nats (2-D data) through the probability-flow ODE.
+
+  A class-conditional model (`model.num_classes > 0`) gets `bpd` of its "no class" part,
+  `-log p(x)`, and `bpd_conditional`, `-log p(x | y)` with each test image's label (the same
+  dequantization and Hutchinson noise)."""
   from scorejax import likelihood
 
   config = context.config
@@ -112,12 +117,20 @@ def evaluate_bpd(context: EvalContext) -> dict[str, float]:
     # of the Hutchinson noise, whose variance grows like D / std(t)^2 near t = eps.
     estimator = 'exact' if int(np.prod(run_common.element_shape(config))) <= 16 else 'rademacher'
 
-  @jax.jit
-  def logp_fn(key, params, x):
+  def solve(key, score, x):
     logp, _, nfe = likelihood.log_likelihood(
-        key, score_fn(params), context.sde, x, estimator=estimator, rtol=e.rtol, atol=e.atol
-    )
+        key, score, context.sde, x, estimator=estimator, rtol=e.rtol, atol=e.atol)
     return logp, nfe
+
+  logp_fn = jax.jit(lambda key, params, x: solve(key, score_fn(params), x))
+  # A class-conditional model also gets -log p(x | y) with the test labels.
+  conditional = run_common.is_class_conditional(config) and not toy
+  if conditional:
+    class_score_fn = run_common.class_score_fn_builder(context.model, context.sde,
+                                                       config.training.continuous)
+    class_logp_fn = jax.jit(lambda key, params, x, y: solve(
+        key, lambda x_, t_: class_score_fn(params)(x_, t_, y), x))
+  conditional_values = []
 
   values, nfes, true_nll = [], [], []
   for repeat in range(max(1, e.bpd_num_repeats)):
@@ -129,8 +142,12 @@ def evaluate_bpd(context: EvalContext) -> dict[str, float]:
       key = jax.random.fold_in(jax.random.fold_in(context.key, repeat), i)
       logp, nfe = logp_fn(key, context.params, x)
       dim = int(np.prod(x.shape[1:]))
-      logp = np.asarray(logp, np.float64)
-      values.append(-logp if toy else -logp / (dim * math.log(2)) + bits_per_dim_offset(config))
+      to_bpd = lambda logp, dim=dim: -np.asarray(logp, np.float64) / (dim * math.log(2)) + \
+          bits_per_dim_offset(config)
+      values.append(-np.asarray(logp, np.float64) if toy else to_bpd(logp))
+      if conditional:
+        logp_y, _ = class_logp_fn(key, context.params, x, jnp.asarray(batch['label']))
+        conditional_values.append(to_bpd(logp_y))
       nfes.append(float(nfe))
       if toy:
         distribution = toy_data.make_toy(config.data.dataset.lower())
@@ -139,9 +156,14 @@ def evaluate_bpd(context: EvalContext) -> dict[str, float]:
   if toy:
     return {'nll': float(values.mean()), 'true_nll': float(np.concatenate(true_nll).mean()),
             'nll_nfe': float(np.mean(nfes))}
-  return {'bpd': float(values.mean()), 'bpd_median': float(np.median(values)),
-          'bpd_std_err': float(values.std() / math.sqrt(len(values))),
-          'bpd_nfe': float(np.mean(nfes)), 'bpd_examples': len(values)}
+  result = {'bpd': float(values.mean()), 'bpd_median': float(np.median(values)),
+            'bpd_std_err': float(values.std() / math.sqrt(len(values))),
+            'bpd_nfe': float(np.mean(nfes)), 'bpd_examples': len(values)}
+  if conditional:
+    given = np.concatenate(conditional_values)
+    result.update(bpd_conditional=float(given.mean()),
+                  bpd_conditional_median=float(np.median(given)))
+  return result
 
 
 EVALUATORS: dict[str, Callable[[EvalContext], dict[str, float]]] = {

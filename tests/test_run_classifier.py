@@ -174,10 +174,16 @@ def test_classifier_free_workflow(tmp_path):
   assert params['class_embedding']['embedding'].shape == (11, 16)
   assert np.any(np.asarray(params['class_embedding']['embedding']))  # trained away from zero
 
-  eval_config = load_config(**conditional, **{'eval.enable_bpd': False,
-                                              'eval.enable_sampling': False})
+  eval_config = load_config(**conditional, **{'eval.enable_sampling': False,
+                                              'eval.bpd_estimator': 'rademacher'})
   run_eval.validate(eval_config, str(workdir))
-  assert np.isfinite(run_eval.run(eval_config, str(workdir))[0]['eval_loss'])
+  evaluated = run_eval.run(eval_config, str(workdir))[0]
+  assert np.isfinite(evaluated['eval_loss'])
+  # Bits/dim of the "no class" part and given the labels: the same images and noise, two
+  # scores that differ once the class embedding has moved.
+  assert evaluated['bpd_examples'] == 16
+  assert np.isfinite(evaluated['bpd_conditional']) and np.isfinite(evaluated['bpd'])
+  assert evaluated['bpd_conditional'] != evaluated['bpd']
 
   for weight in (0.0, 3.0):
     config = load_config(**conditional, **{'sampling.condition': 'class',
