@@ -38,6 +38,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from scorejax import fast_solvers
 from scorejax import sde as sde_lib
 
 Array = jax.Array
@@ -49,11 +50,9 @@ Metrics = dict[str, Array]
 def noise_level(sde: sde_lib.SDE, t: Array) -> Array:
   """`log(s(t) / m(t)) [B]` of the kernel `x_t = m(t) x_0 + s(t) z`: the classifier's time input.
 
-  VE: `log sigma(t)`; VP family and sub-VP: minus half the log-SNR.
+  Minus `fast_solvers.log_snr` (half the log-SNR). VE: `log sigma(t)`.
   """
-  t = jnp.asarray(t, jnp.float32)
-  mean, std = sde.marginal_prob(jnp.ones(t.shape + (1,), jnp.float32), t)
-  return jnp.log(jnp.broadcast_to(std, t.shape)) - jnp.log(mean[..., 0])
+  return -fast_solvers.log_snr(sde, t)
 
 
 def make_logits_fn(apply_fn: Callable[[Array, Array], Array], sde: sde_lib.SDE) -> LogitsFn:

@@ -68,29 +68,35 @@ def check(config, workdir: pathlib.Path) -> dict:
     if not (s.cfg_weight >= 0 and math.isfinite(s.cfg_weight)):
       raise ValueError(f'sampling.cfg_weight must be finite and >= 0, got {s.cfg_weight}')
     num_classes = config.model.num_classes
-    if not -1 <= s.class_label < num_classes:
-      raise ValueError(f'sampling.class_label={s.class_label} is not a class of the model '
-                       f'(model.num_classes={num_classes}): valid choices are '
-                       f'0..{num_classes - 1}, or -1 for all')
+    _check_label(s.class_label, num_classes,
+                 f'the model (model.num_classes={num_classes})')
     return {'num_classes': num_classes}
   directory = classifier_dir(config, workdir)
   saved = run_classifier.read_definition(directory)
   checkpoints.find_step_dir(directory)
-  num_classes = saved['num_classes']
-  if not -1 <= s.class_label < num_classes:
-    raise ValueError(f'sampling.class_label={s.class_label} is not a class of the classifier '
-                     f'in {directory}: valid choices are 0..{num_classes - 1}, or -1 for all')
-  current = run_classifier.definition(config, num_classes)
-  trained = {f'data.{k}': v for k, v in saved['data'].items() if k != 'dataset'}
-  trained.update(saved.get('sde', {}))
-  here = {f'data.{k}': v for k, v in current['data'].items() if k != 'dataset'}
-  here.update(current['sde'])
+  _check_label(s.class_label, saved['num_classes'], f'the classifier in {directory}')
+  trained = _provenance(saved)
+  here = _provenance(run_classifier.definition(config, saved['num_classes']))
   differ = [k for k in trained if trained[k] != here.get(k)]
   if differ:
     fields = ', '.join(f'{k}={trained[k]!r} (here {here.get(k)!r})' for k in differ)
     raise ValueError(f'the classifier in {directory} was trained on other data or noise: '
                      f'{fields}')
   return saved
+
+
+def _check_label(label: int, num_classes: int, owner: str) -> None:
+  if not -1 <= label < num_classes:
+    raise ValueError(f'sampling.class_label={label} is not a class of {owner}: valid choices '
+                     f'are 0..{num_classes - 1}, or -1 for all')
+
+
+def _provenance(definition: dict) -> dict:
+  """The `data.*` and SDE settings of a classifier definition, by config field name (a
+  definition written before the SDE was recorded has only the data ones)."""
+  settings = {f'data.{k}': v for k, v in definition['data'].items() if k != 'dataset'}
+  settings.update(definition.get('sde', {}))
+  return settings
 
 
 def sample_labels(num_classes: int, count: int, class_label: int) -> np.ndarray:

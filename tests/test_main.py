@@ -48,6 +48,15 @@ def run_main(*args, env=None, timeout=300, check=True):
   return result
 
 
+def free_port() -> int:
+  """A TCP port on 127.0.0.1 that is free now (for a jax.distributed coordinator)."""
+  import socket
+
+  with socket.socket() as sock:
+    sock.bind(('127.0.0.1', 0))
+    return sock.getsockname()[1]
+
+
 def final_ema(workdir, step=None):
   params, _ = checkpoints.restore_params(workdir, step)
   return params
@@ -387,11 +396,7 @@ def test_two_processes_equal_one_process(tmp_path):
   two_devices = {'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
   run_main(f'--workdir={tmp_path / "single"}', *args, env=two_devices)
 
-  import socket
-
-  with socket.socket() as sock:
-    sock.bind(('127.0.0.1', 0))
-    port = sock.getsockname()[1]
+  port = free_port()
   workdir = tmp_path / 'multi'
   processes = [
       subprocess.Popen(

@@ -267,11 +267,10 @@ def test_two_processes_train_and_guide_as_one(tmp_path):
   """Classifier training and class-conditional sampling over two CPU processes (gloo)
   match one process with two devices."""
   import os
-  import socket
   import subprocess
   import sys
 
-  from test_main import MAIN, ROOT
+  from test_main import MAIN, ROOT, free_port
 
   common = ['--config=configs/smoke.py', '--config.data.dataset=digits',
             '--config.data.num_channels=1', '--config.data.image_size=8',
@@ -283,9 +282,7 @@ def test_two_processes_train_and_guide_as_one(tmp_path):
     run_main(f'--workdir={tmp_path / "single"}', *common, f'--mode={mode}',
              env={'XLA_FLAGS': '--xla_force_host_platform_device_count=2'})
   for mode in modes:
-    with socket.socket() as sock:
-      sock.bind(('127.0.0.1', 0))
-      port = sock.getsockname()[1]
+    port = free_port()
     processes = [
         subprocess.Popen(
             [sys.executable, str(MAIN), f'--workdir={tmp_path / "multi"}', *common,
