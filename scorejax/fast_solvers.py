@@ -66,7 +66,7 @@ Array = jax.Array
 Params = Any
 ScoreFn = Callable[[Array, Array], Array]
 
-__all__ = ['FAST_METHODS', 'TIME_GRIDS', 'fast_nfe', 'fast_sample', 'log_snr',
+__all__ = ['FAST_METHODS', 'TIME_GRIDS', 'fast_nfe', 'fast_sample', 'kernel', 'log_snr',
            'make_fast_sampler', 'sampling_times', 'time_of_log_snr']
 
 
@@ -95,7 +95,7 @@ def _get_method(method: str) -> FastMethod:
   return FAST_METHODS[method]
 
 
-def _kernel(sde: sde_lib.SDE, t: Array) -> tuple[Array, Array]:
+def kernel(sde: sde_lib.SDE, t: Array) -> tuple[Array, Array]:
   """`(alpha_t, sigma_t)` of the kernel `x_t = alpha_t x_0 + sigma_t z`, shaped like `t`."""
   t = jnp.asarray(t, jnp.float32)
   flat = t.reshape(-1)
@@ -105,7 +105,7 @@ def _kernel(sde: sde_lib.SDE, t: Array) -> tuple[Array, Array]:
 
 def log_snr(sde: sde_lib.SDE, t: Array) -> Array:
   """`lambda_t = log(alpha_t / sigma_t)`, decreasing in `t`; shaped like `t`."""
-  alpha, sigma = _kernel(sde, t)
+  alpha, sigma = kernel(sde, t)
   return jnp.log(alpha) - jnp.log(sigma)
 
 
@@ -126,9 +126,10 @@ def time_of_log_snr(sde: sde_lib.SDE, lam: Array, low: Array | float, high: Arra
   return 0.5 * (low + high)
 
 
-def sampling_times(sde: sde_lib.SDE, n_steps: int, eps: Array | float, kind: str = 'logsnr'
-                   ) -> Array:
-  """`[n_steps + 1]` decreasing times from `sde.T` to `eps` (see `TIME_GRIDS`)."""
+def sampling_times(sde: sde_lib.SDE, n_steps: int, eps: Array | float, kind: str = 'logsnr',
+                   rho: float = KARRAS_RHO) -> Array:
+  """`[n_steps + 1]` decreasing times from `sde.T` to `eps` (see `TIME_GRIDS`; `rho` is the
+  exponent of the `'karras'` grid, 1 = uniform in the noise level)."""
   if kind == 'uniform':
     return jnp.linspace(sde.T, eps, n_steps + 1)
   if kind == 'quadratic':
@@ -138,9 +139,8 @@ def sampling_times(sde: sde_lib.SDE, n_steps: int, eps: Array | float, kind: str
     if kind == 'logsnr':
       lams = jnp.linspace(ends[0], ends[1], n_steps + 1)
     else:  # uniform in sigma^(1 / rho), sigma = exp(-lambda) (EDM's noise level)
-      roots = jnp.linspace(jnp.exp(-ends[0] / KARRAS_RHO), jnp.exp(-ends[1] / KARRAS_RHO),
-                           n_steps + 1)
-      lams = -KARRAS_RHO * jnp.log(roots)
+      roots = jnp.linspace(jnp.exp(-ends[0] / rho), jnp.exp(-ends[1] / rho), n_steps + 1)
+      lams = -rho * jnp.log(roots)
     times = time_of_log_snr(sde, lams, eps, sde.T)
     return times.at[0].set(sde.T).at[-1].set(eps)  # the ends exactly
   raise ValueError(f'unknown time_grid {kind!r}; valid choices: {list(TIME_GRIDS)}')
@@ -169,7 +169,7 @@ class _Predictions:
     self.score_fn, self.sde = score_fn, sde
 
   def _score(self, x: Array, t: Array) -> tuple[Array, Array, Array]:
-    alpha, sigma = _kernel(self.sde, t)
+    alpha, sigma = kernel(self.sde, t)
     score = sde_lib.evaluate_score(self.score_fn, x, jnp.full((x.shape[0],), t, x.dtype))
     return score, alpha, sigma
 
@@ -184,8 +184,8 @@ class _Predictions:
 
 def _single_step(predict: _Predictions, sde, x, s, t, inner, order):
   """One DPM-Solver step from `s` to `t` with the noise prediction; `inner`: `[order - 1]`."""
-  alpha_s, sigma_s = _kernel(sde, s)
-  alpha_t, sigma_t = _kernel(sde, t)
+  alpha_s, sigma_s = kernel(sde, s)
+  alpha_t, sigma_t = kernel(sde, t)
   lam_s, lam_t = log_snr(sde, s), log_snr(sde, t)
   h = lam_t - lam_s
   eps_s = predict.noise(x, s)
@@ -194,7 +194,7 @@ def _single_step(predict: _Predictions, sde, x, s, t, inner, order):
     return x_t
 
   def first_order_to(time):  # the DDIM step from s to an intermediate time
-    alpha, sigma = _kernel(sde, time)
+    alpha, sigma = kernel(sde, time)
     r_h = log_snr(sde, time) - lam_s
     return (alpha / alpha_s) * x - sigma * jnp.expm1(r_h) * eps_s, alpha, sigma, r_h
 
@@ -239,8 +239,8 @@ def _multistep_solve(predict: _Predictions, sde, x, times, order):
     x, m1, m2, lam1, lam2 = carry
     s, t = times[i], times[i + 1]
     m0 = predict.data(x, s)
-    alpha_t, sigma_t = _kernel(sde, t)
-    sigma_s = _kernel(sde, s)[1]
+    alpha_t, sigma_t = kernel(sde, t)
+    sigma_s = kernel(sde, s)[1]
     args = (x, (m0, m1, m2), (lams[i], lam1, lam2), lams[i + 1] - lams[i], sigma_t / sigma_s,
             alpha_t)
     x_new = _multistep_update(*args, order=1)

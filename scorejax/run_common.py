@@ -20,12 +20,13 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from scorejax import datasets, distributed, fast_solvers, sampling
+from scorejax import datasets, distributed, edm_sampler, fast_solvers, sampling
 from scorejax import sde as sde_lib
 from scorejax.models import make_score_fn
 from scorejax.train import LossFn
 
-SAMPLING_METHODS = ('pc', 'ode', 'fast')  # sampling.method: scorejax.sampling, .fast_solvers
+# sampling.method: scorejax.sampling ('pc', 'ode'), .fast_solvers, .edm_sampler
+SAMPLING_METHODS = ('pc', 'ode', 'fast', 'edm')
 
 Params = Any
 ConfigDict = ml_collections.ConfigDict
@@ -265,6 +266,12 @@ def make_sampler(
     return fast_solvers.make_fast_sampler(
         builder, sde, shape, method=s.fast_method.lower(), time_grid=s.time_grid.lower(),
         eps=s.eps, denoise=s.noise_removal, **options,
+    )
+  if s.method.lower() == 'edm':
+    options = dict(n_steps=s.num_steps) if s.num_steps else {}
+    return edm_sampler.make_edm_sampler(
+        builder, sde, shape, rho=s.rho, eps=s.eps, s_churn=s.s_churn, s_tmin=s.s_tmin,
+        s_tmax=s.s_tmax, s_noise=s.s_noise, denoise=s.noise_removal, **options,
     )
   raise ValueError(f"unknown sampling.method {s.method!r}; valid choices: "
                    f"{list(SAMPLING_METHODS)}")

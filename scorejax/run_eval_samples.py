@@ -99,6 +99,8 @@ _NOT_SAMPLER_SETTINGS = ('num_samples', 'condition', 'mask', 'n_resample', 'guid
 # Settings of class-conditional sampling, which count only with `sampling.condition=class`
 # (so unconditional samples keep the tags they had before these settings existed).
 _CLASS_SETTINGS = ('class_label', 'classifier_scale', 'cfg_weight', 'classifier')
+# Settings of the EDM sampler, which count only with `sampling.method=edm` (likewise).
+_EDM_SETTINGS = ('rho', 's_churn', 's_tmin', 's_tmax', 's_noise')
 
 
 def is_class_conditional(config) -> bool:
@@ -111,8 +113,10 @@ def sampler_settings(config, workdir: pathlib.Path | None = None) -> dict:
   `k` draws from `fold_in(key, k)`, so the shard size, rounded to the devices, counts too;
   classifier guidance also depends on the classifier's checkpoint step)."""
   conditional = is_class_conditional(config)
+  edm = config.sampling.method.lower() == 'edm'
   sampling = {k: v for k, v in config.sampling.to_dict().items()
-              if k not in _NOT_SAMPLER_SETTINGS and (conditional or k not in _CLASS_SETTINGS)}
+              if k not in _NOT_SAMPLER_SETTINGS and (conditional or k not in _CLASS_SETTINGS)
+              and (edm or k not in _EDM_SETTINGS)}
   model = {k: v for k, v in config.model.to_dict().items()
            if k != 'num_classes' or v}
   settings = {'seed': config.seed, 'sampling': sampling, 'model': model,

@@ -91,12 +91,12 @@ def test_image_metrics_need_weights_and_stats(tmp_path, monkeypatch):
   run_eval_samples.validate(load_config('smoke'))
 
 
-@pytest.mark.parametrize('method', ['pc', 'ode', 'fast'])
+@pytest.mark.parametrize('method', ['pc', 'ode', 'fast', 'edm'])
 def test_sharded_sampling_is_device_count_independent(method):
   """The same key gives the same samples with the batch on one device or split over two."""
   assert jax.device_count() >= 2
   config = load_config('smoke', **{'sampling.method': method, 'sampling.ode_method': 'heun',
-                                   'sampling.num_steps': 6})
+                                   'sampling.num_steps': 6, 'sampling.s_churn': 3.0})
   model = make_model(config)
   sde = run_common.make_sde(config)
   params = run_common.init_params(model, jax.random.key(0), (2,))
@@ -121,3 +121,12 @@ def test_sharded_batch_size_rounds_up_to_devices():
   with pytest.raises(ValueError, match='multiple of the 2 devices'):
     run_common.make_sharded_sampler(config, make_model(config), run_common.make_sde(config), 3,
                                     mesh)
+
+
+def test_edm_settings_enter_the_tag_only_with_the_edm_sampler(tmp_path):
+  # Runs evaluated before the EDM sampler existed keep their sample shards.
+  tag = lambda **overrides: run_eval_samples.samples_directory(
+      load_config('default', **overrides), tmp_path, 1).name
+  assert tag() == tag(**{'sampling.s_churn': 30.0, 'sampling.rho': 3.0})
+  edm = tag(**{'sampling.method': 'edm'})
+  assert edm != tag() and edm != tag(**{'sampling.method': 'edm', 'sampling.s_churn': 30.0})

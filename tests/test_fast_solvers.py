@@ -27,8 +27,8 @@ EPS = 1e-3
 
 
 def _exact_flow(sde, x_T, mean=MEAN, variance=VARIANCE):
-  alpha_T, sigma_T = fast_solvers._kernel(sde, jnp.float32(sde.T))
-  alpha, sigma = fast_solvers._kernel(sde, jnp.float32(EPS))
+  alpha_T, sigma_T = fast_solvers.kernel(sde, jnp.float32(sde.T))
+  alpha, sigma = fast_solvers.kernel(sde, jnp.float32(EPS))
   scale = jnp.sqrt(alpha**2 * variance + sigma**2) / jnp.sqrt(alpha_T**2 * variance + sigma_T**2)
   return alpha * mean + scale * (x_T - alpha_T * mean)
 
