@@ -303,6 +303,7 @@ def test_two_processes_train_and_guide_as_one(tmp_path):
   np.testing.assert_allclose(multi['samples'], single['samples'], atol=1e-4)
 
 
+@pytest.mark.slow  # ~25 s; tfds labels are also checked in test_datasets
 def test_tfds_labels_reach_both_guidance_workflows(tmp_path, tiny_cifar10_dir):
   """On a tfds dataset (a tiny cifar10 prepared in array_record), labels drive both the
   classifier and a class-conditional model, and both guide samples."""
