@@ -168,12 +168,30 @@ def restore_params(
   return tree[names[0]], int(step_dir.name) if step_dir.name.isdigit() else 0
 
 
+class _ItemWithoutStepMetadata(logging.Filter):
+  """Drops orbax's warning that an item directory (`<step>/state`) has no step metadata:
+  the manager writes that file one level up, and reading the item alone is intended."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith('Metadata file does not exist')
+
+
 def _restore_on_this_host(path: pathlib.Path) -> PyTree:
   """Restores a saved pytree onto this process's first CPU device.
 
   Explicit shardings make checkpoints written by any topology (e.g. two processes)
   readable by one process; without them orbax reuses the saved device assignment.
   """
+  quiet = _ItemWithoutStepMetadata()
+  logger = logging.getLogger('absl')  # orbax logs through absl
+  logger.addFilter(quiet)
+  try:
+    return _restore_pytree(path)
+  finally:
+    logger.removeFilter(quiet)
+
+
+def _restore_pytree(path: pathlib.Path) -> PyTree:
   with ocp.PyTreeCheckpointer() as checkpointer:
     metadata = checkpointer.metadata(path)
     tree = getattr(metadata, 'item_metadata', metadata)
