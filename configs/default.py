@@ -35,6 +35,11 @@ def get_default_configs() -> ml_collections.ConfigDict:
   training.class_dropout = 0.1  # class-conditional models (model.num_classes > 0): labels
   # dropped to "no class" with this probability (classifier-free guidance)
   training.eps = 1e-5  # smallest training time t ~ U[eps, T]
+  # 'sde' (score_sde's losses) | 'edm' (Karras et al. 2022: noise levels sigma_t / alpha_t
+  # ~ exp(N(p_mean, p_std^2)), denoising error weighted by (s^2 + sigma_data^2) / (s sigma_data)^2)
+  training.objective = 'sde'
+  training.p_mean = -1.2  # objective='edm': mean of the log noise level
+  training.p_std = 1.2  # objective='edm': its standard deviation
   training.batch_size = 128  # global batch size (all devices / hosts)
   training.n_iters = 8000  # total optimizer steps
   training.n_jitted_steps = 1  # steps fused into one compiled call (lax.scan)
@@ -150,6 +155,10 @@ def get_default_configs() -> ml_collections.ConfigDict:
   model.logsnr_min = -10.0  # cosine VP: log(alpha^2 / sigma^2) at T (-10: as the linear VP)
   model.dropout = 0.0  # dropout rate in the residual blocks
   model.scale_by_sigma = False  # divide the output by sigma (VE)
+  # '' (the network's output is score_sde's) | 'edm' (Karras et al. 2022: the network is F in
+  # D = c_skip y + c_out F(c_in y), y = x / alpha_t; continuous time only)
+  model.preconditioning = ''
+  model.sigma_data = 0.5  # preconditioning / objective='edm': the data's standard deviation
   model.normalization = 'GroupNorm'
   model.nonlinearity = 'swish'
   model.nf = 32  # base channel count

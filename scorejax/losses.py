@@ -51,13 +51,13 @@ def _flat(x: Array) -> Array:
   return x.reshape(x.shape[0], -1)
 
 
-def _reduce(elementwise: Array, reduce_mean: bool) -> Array:
+def reduce_dims(elementwise: Array, reduce_mean: bool) -> Array:
   """`[B, ...] -> [B]`: mean over dims, or (score_sde's `reduce_mean=False`) half the sum."""
   flat = _flat(elementwise)
   return jnp.mean(flat, axis=-1) if reduce_mean else 0.5 * jnp.sum(flat, axis=-1)
 
 
-def _summarize(losses: Array) -> tuple[Array, Metrics]:
+def summarize(losses: Array) -> tuple[Array, Metrics]:
   """Batch mean of per-example losses `[B]`, with their spread as metrics."""
   loss = jnp.mean(losses)
   return loss, {'loss': loss, 'loss_std': jnp.std(losses), 'loss_max': jnp.max(losses)}
@@ -162,7 +162,7 @@ def explicit_score_matching(
   Returns:
     `(loss, metrics)`: the batch mean of `explicit_score_matching_losses`.
   """
-  return _summarize(explicit_score_matching_losses(score_fn, target_score_fn, x))
+  return summarize(explicit_score_matching_losses(score_fn, target_score_fn, x))
 
 
 def implicit_score_matching_losses(score_fn: DataScoreFn, x: Array) -> Array:
@@ -177,7 +177,7 @@ def implicit_score_matching_losses(score_fn: DataScoreFn, x: Array) -> Array:
 
 def implicit_score_matching(score_fn: DataScoreFn, x: Array) -> tuple[Array, Metrics]:
   """Implicit score matching on a batch `x [B, D]` (exact trace: low dimension only)."""
-  return _summarize(implicit_score_matching_losses(score_fn, x))
+  return summarize(implicit_score_matching_losses(score_fn, x))
 
 
 def sliced_score_matching_losses(
@@ -234,7 +234,7 @@ def sliced_score_matching(
   """
   checks.check_count('n_projections', n_projections)
   v = sample_projections(key, (n_projections,) + x.shape, projection)
-  return _summarize(
+  return summarize(
       sliced_score_matching_losses(score_fn, x, v, variance_reduction=variance_reduction))
 
 
@@ -262,7 +262,7 @@ def denoising_score_matching(
   """
   checks.check_in_range('sigma', sigma, low=0.0, low_open=True)
   z = jax.random.normal(key, x.shape, x.dtype)
-  return _summarize(denoising_score_matching_losses(score_fn, x, z, sigma))
+  return summarize(denoising_score_matching_losses(score_fn, x, z, sigma))
 
 
 # -- the SDE losses of score_sde ---------------------------------------------------------------
@@ -339,11 +339,11 @@ def sde_losses(
   score = sde_lib.evaluate_score(score_fn, xt, t)
   if importance_weighting:
     scale = importance_normalizer(sde, eps) / (sde.T - eps)
-    return _reduce((sde_lib.batch_mul(std, score) + z) ** 2, reduce_mean) * scale
+    return reduce_dims((sde_lib.batch_mul(std, score) + z) ** 2, reduce_mean) * scale
   if likelihood_weighting:
     g2 = sde.sde(jnp.zeros_like(x0), t)[1] ** 2
-    return _reduce((score + sde_lib.batch_mul(1.0 / std, z)) ** 2, reduce_mean) * g2
-  return _reduce((sde_lib.batch_mul(std, score) + z) ** 2, reduce_mean)
+    return reduce_dims((score + sde_lib.batch_mul(1.0 / std, z)) ** 2, reduce_mean) * g2
+  return reduce_dims((sde_lib.batch_mul(std, score) + z) ** 2, reduce_mean)
 
 
 def sde_loss(
@@ -385,7 +385,7 @@ def sde_loss(
   else:
     t = jax.random.uniform(key_t, (batch.shape[0],), minval=eps, maxval=sde.T)
   z = jax.random.normal(key_z, batch.shape, batch.dtype)
-  return _summarize(sde_losses(score_fn, sde, batch, t, z, reduce_mean=reduce_mean,
+  return summarize(sde_losses(score_fn, sde, batch, t, z, reduce_mean=reduce_mean,
                                likelihood_weighting=likelihood_weighting,
                                importance_weighting=importance_weighting, eps=eps))
 
@@ -406,7 +406,7 @@ def smld_losses(
   noise = sde_lib.batch_mul(sigmas, z)
   score = model_fn(x0 + noise, labels)
   target = -sde_lib.batch_mul(1.0 / sigmas**2, noise)
-  return _reduce((score - target) ** 2, reduce_mean) * sigmas**2
+  return reduce_dims((score - target) ** 2, reduce_mean) * sigmas**2
 
 
 def smld_loss(
@@ -417,7 +417,7 @@ def smld_loss(
   key_labels, key_z = jax.random.split(key)
   labels = jax.random.randint(key_labels, (batch.shape[0],), 0, sde.N)
   z = jax.random.normal(key_z, batch.shape, batch.dtype)
-  return _summarize(smld_losses(model_fn, sde, batch, labels, z, reduce_mean=reduce_mean))
+  return summarize(smld_losses(model_fn, sde, batch, labels, z, reduce_mean=reduce_mean))
 
 
 def ddpm_losses(
@@ -434,7 +434,7 @@ def ddpm_losses(
   sqrt_alphas_cumprod = jnp.asarray(sde.sqrt_alphas_cumprod)[labels]
   sqrt_1m_alphas_cumprod = jnp.asarray(sde.sqrt_1m_alphas_cumprod)[labels]
   xt = sde_lib.batch_mul(sqrt_alphas_cumprod, x0) + sde_lib.batch_mul(sqrt_1m_alphas_cumprod, z)
-  return _reduce((model_fn(xt, labels) - z) ** 2, reduce_mean)
+  return reduce_dims((model_fn(xt, labels) - z) ** 2, reduce_mean)
 
 
 def ddpm_loss(
@@ -445,12 +445,13 @@ def ddpm_loss(
   key_labels, key_z = jax.random.split(key)
   labels = jax.random.randint(key_labels, (batch.shape[0],), 0, sde.N)
   z = jax.random.normal(key_z, batch.shape, batch.dtype)
-  return _summarize(ddpm_losses(model_fn, sde, batch, labels, z, reduce_mean=reduce_mean))
+  return summarize(ddpm_losses(model_fn, sde, batch, labels, z, reduce_mean=reduce_mean))
 
 
 # -- the factory the training driver calls ----------------------------------------------------
 
 
+OBJECTIVES = ('sde', 'edm')  # training.objective: sde_loss / smld / ddpm, or edm_loss.edm_loss
 CLASS_DROPOUT_STREAM = 7  # fold_in constant of the class-dropout key (the loss's own split
 # of the key is unchanged, so unconditional training draws the same numbers as before)
 
@@ -477,6 +478,11 @@ def make_loss_fn(
     importance_weighting: bool = False,
     eps: float = 1e-5,
     class_dropout: float = 0.0,
+    objective: str = 'sde',
+    preconditioning: Any = None,
+    sigma_data: float = 0.5,
+    p_mean: float = -1.2,
+    p_std: float = 1.2,
 ) -> LossFn:
   """Builds `loss_fn(params, key, batch) -> (loss, metrics)` as score_sde's `get_step_fn`.
 
@@ -497,6 +503,11 @@ def make_loss_fn(
       that an example's label is replaced by "no class" (classifier-free guidance trains
       the conditional and the unconditional score in one network; Ho & Salimans 2022).
       A batch without `'label'` trains "no class" only.
+    objective: `'sde'` (score_sde's losses above) or `'edm'` (`scorejax.edm_loss`:
+      log-normal noise levels `exp(N(p_mean, p_std^2))`, weighted denoising error with
+      `sigma_data`; continuous only).
+    preconditioning: `models.EDMPreconditioning`: the network is EDM's `F` (continuous only).
+    sigma_data, p_mean, p_std: the `'edm'` objective's settings.
 
   Returns:
     `loss_fn(params, key, batch [B, ...] or {'image': [B, ...], 'label': [B]}) ->
@@ -506,10 +517,25 @@ def make_loss_fn(
     ValueError: for discrete training with an SDE other than VESDE / VP (or a VP grid too
       coarse for the DDPM tables), likelihood or importance weighting with discrete
       training, importance weighting without likelihood weighting, or an `eps` outside
-      `(0, T)`, or a `class_dropout` outside [0, 1].
+      `(0, T)`, or a `class_dropout` outside [0, 1]; an unknown objective (listing the valid
+      ones), the `'edm'` objective or a preconditioning with discrete training or with
+      likelihood weighting, or a bad `'edm'` setting.
   """
+  from scorejax import edm_loss  # it builds on this module's reductions
+
   if not 0.0 <= class_dropout <= 1.0:
     raise ValueError(f'training.class_dropout must be in [0, 1], got {class_dropout}')
+  if objective not in OBJECTIVES:
+    raise ValueError(f'unknown training.objective {objective!r}; valid choices: '
+                     f'{list(OBJECTIVES)}')
+  if (objective == 'edm' or preconditioning is not None) and not continuous:
+    raise ValueError('training.objective=edm and model.preconditioning need '
+                     'training.continuous=True')
+  if objective == 'edm':
+    if likelihood_weighting:
+      raise ValueError('training.objective=edm has its own weighting; it does not take '
+                       'training.likelihood_weighting=True')
+    edm_loss.check_arguments(sde, sigma_data=sigma_data, p_std=p_std, eps=eps)
   num_classes = int(getattr(model, 'num_classes', 0) or 0)
   if continuous:
     checks.check_time('eps', eps, sde.T)
@@ -548,8 +574,12 @@ def make_loss_fn(
                          rngs={'dropout': key_dropout} if train else None, **extra)
 
     if continuous:
-      return sde_loss(key_loss, make_score_fn(model_fn, sde, continuous=True), sde, batch,
-                      reduce_mean=reduce_mean, likelihood_weighting=likelihood_weighting,
+      score_fn = make_score_fn(model_fn, sde, continuous=True, preconditioning=preconditioning)
+      if objective == 'edm':
+        return edm_loss.edm_loss(key_loss, score_fn, sde, batch, sigma_data=sigma_data,
+                                 p_mean=p_mean, p_std=p_std, eps=eps, reduce_mean=reduce_mean)
+      return sde_loss(key_loss, score_fn, sde, batch, reduce_mean=reduce_mean,
+                      likelihood_weighting=likelihood_weighting,
                       importance_weighting=importance_weighting, eps=eps)
     if isinstance(sde, sde_lib.VESDE):
       return smld_loss(key_loss, model_fn, sde, batch, reduce_mean=reduce_mean)

@@ -135,10 +135,9 @@ def make_class_sampler(config, workdir: pathlib.Path, model, sde, batch_size: in
   s = config.sampling
   saved = check(config, workdir)
   mesh = mesh or distributed.make_mesh()
-  continuous = config.training.continuous
   if run_common.is_class_conditional(config):
     guidance, scale, classifier_params = 'free', float(s.cfg_weight), None
-    class_builder = run_common.class_score_fn_builder(model, sde, continuous)
+    class_builder = run_common.class_score_fn_builder(config, model, sde)
     logging.info('classifier-free guidance, weight %g (%d classes)', scale,
                  saved['num_classes'])
 
@@ -151,7 +150,7 @@ def make_class_sampler(config, workdir: pathlib.Path, model, sde, batch_size: in
     classifier_params, classifier_step = checkpoints.restore_params(directory, use_ema=True)
     logging.info('classifier of step %d from %s (%d classes), scale %g', classifier_step,
                  directory, saved['num_classes'], scale)
-    score_builder = run_common.score_fn_builder(model, sde, continuous)
+    score_builder = run_common.score_fn_builder(config, model, sde)
     logits_builder = run_classifier.logits_fn_builder(run_classifier.make_classifier(saved),
                                                       sde)
 

@@ -22,7 +22,7 @@ from absl import logging
 
 from scorejax import datasets, distributed, edm_sampler, fast_solvers, sampling
 from scorejax import sde as sde_lib
-from scorejax.models import make_score_fn
+from scorejax.models import EDMPreconditioning, make_preconditioning, make_score_fn
 from scorejax.train import LossFn
 
 # sampling.method: scorejax.sampling ('pc', 'ode'), .fast_solvers, .edm_sampler
@@ -193,20 +193,40 @@ def model_fn(model, params: Params, *, train: bool = False, dropout_key: jax.Arr
   return functools.partial(model.apply, {'params': params}, train=train, rngs=rngs)
 
 
-def score_fn_builder(model, sde: sde_lib.SDE, continuous: bool) -> Callable[[Params], Callable]:
-  """`params -> score_fn(x, t)` for evaluation (no dropout); a class-conditional network
-  gives its unconditional ("no class") score."""
-  return lambda params: make_score_fn(model_fn(model, params), sde, continuous)
+def preconditioning(config: ConfigDict) -> EDMPreconditioning | None:
+  """`model.preconditioning` ('' or 'edm', with `model.sigma_data`).
+
+  Raises:
+    ValueError: for an unknown name (listing the valid ones), `model.sigma_data <= 0`, or
+      `model.scale_by_sigma=True` with a preconditioning (which scales the output itself).
+  """
+  result = make_preconditioning(config.model.get('preconditioning', ''),
+                                config.model.get('sigma_data', 0.5))
+  if result is not None and config.model.get('scale_by_sigma', False):
+    raise ValueError('model.scale_by_sigma=True divides the network output by sigma, which '
+                     'model.preconditioning scales already (c_out): set '
+                     'model.scale_by_sigma=False')
+  return result
 
 
-def class_score_fn_builder(model, sde: sde_lib.SDE,
-                           continuous: bool) -> Callable[[Params], Callable]:
+def score_fn_builder(config: ConfigDict, model, sde: sde_lib.SDE) -> Callable[[Params], Callable]:
+  """`params -> score_fn(x, t)` for evaluation (no dropout), with the time convention
+  (`training.continuous`) and `model.preconditioning` of `config`; a class-conditional
+  network gives its unconditional ("no class") score."""
+  continuous, precondition = config.training.continuous, preconditioning(config)
+  return lambda params: make_score_fn(model_fn(model, params), sde, continuous,
+                                      preconditioning=precondition)
+
+
+def class_score_fn_builder(config: ConfigDict, model,
+                           sde: sde_lib.SDE) -> Callable[[Params], Callable]:
   """`params -> class_score_fn(x, t, class_labels)` of a class-conditional network."""
+  continuous, precondition = config.training.continuous, preconditioning(config)
 
   def build(params):
     def class_score_fn(x, t, class_labels):
       network = functools.partial(model_fn(model, params), class_labels=class_labels)
-      return make_score_fn(network, sde, continuous)(x, t)
+      return make_score_fn(network, sde, continuous, preconditioning=precondition)(x, t)
     return class_score_fn
 
   return build
@@ -226,7 +246,9 @@ def make_loss_fn(config: ConfigDict, model, sde: sde_lib.SDE, *, train: bool = T
       sde, model, train=train, reduce_mean=training.reduce_mean,
       continuous=training.continuous, likelihood_weighting=training.likelihood_weighting,
       importance_weighting=training.importance_weighting, eps=training.eps,
-      class_dropout=training.class_dropout,
+      class_dropout=training.class_dropout, objective=training.get('objective', 'sde'),
+      preconditioning=preconditioning(config), sigma_data=config.model.get('sigma_data', 0.5),
+      p_mean=training.get('p_mean', -1.2), p_std=training.get('p_std', 1.2),
   )
   return lambda key, params, batch: loss_fn(params, key, batch)
 
@@ -252,7 +274,7 @@ def make_sampler(
     ValueError: for an unknown `sampling.method` (listing the valid ones).
   """
   s = config.sampling
-  builder = builder or score_fn_builder(model, sde, config.training.continuous)
+  builder = builder or score_fn_builder(config, model, sde)
   n_steps = s.num_steps or None
   if s.method.lower() == 'pc':
     return sampling.make_pc_sampler(builder, sde, shape, **pc_options(config))
@@ -331,7 +353,7 @@ def make_sharded_sampler(
   rows = distributed.batch_sharding(mesh)
   replicated = distributed.replicated_sharding(mesh)
   sharded_builder = distributed.batch_sharded_score_builder(
-      score_fn_builder(model, sde, config.training.continuous), mesh)
+      score_fn_builder(config, model, sde), mesh)
   sampler = make_sampler(config, model, sde, (batch_size, *element_shape(config)),
                          builder=sharded_builder)
   return jax.jit(sampler, in_shardings=(replicated, replicated),

@@ -94,7 +94,7 @@ def _global(rows: np.ndarray, sharding) -> jax.Array:
 def _make_sampler(config, model, sde, mesh):
   s = config.sampling
   builder = distributed.batch_sharded_score_builder(
-      run_common.score_fn_builder(model, sde, config.training.continuous), mesh)
+      run_common.score_fn_builder(config, model, sde), mesh)
   basis = (conditional.colorization_basis(config.data.num_channels)
            if s.condition == 'colorize' else None)
   sampler = conditional.make_conditional_sampler(

@@ -109,7 +109,7 @@ def evaluate_bpd(context: EvalContext) -> dict[str, float]:
   config = context.config
   e = config.eval
   toy = run_common.is_toy(config)
-  score_fn = run_common.score_fn_builder(context.model, context.sde, config.training.continuous)
+  score_fn = run_common.score_fn_builder(config, context.model, context.sde)
 
   estimator = e.bpd_estimator
   if estimator == 'auto':
@@ -126,8 +126,7 @@ def evaluate_bpd(context: EvalContext) -> dict[str, float]:
   # A class-conditional model also gets -log p(x | y) with the test labels.
   conditional = run_common.is_class_conditional(config) and not toy
   if conditional:
-    class_score_fn = run_common.class_score_fn_builder(context.model, context.sde,
-                                                       config.training.continuous)
+    class_score_fn = run_common.class_score_fn_builder(config, context.model, context.sde)
     class_logp_fn = jax.jit(lambda key, params, x, y: solve(
         key, lambda x_, t_: class_score_fn(params)(x_, t_, y), x))
   conditional_values = []

@@ -117,8 +117,11 @@ def sampler_settings(config, workdir: pathlib.Path | None = None) -> dict:
   sampling = {k: v for k, v in config.sampling.to_dict().items()
               if k not in _NOT_SAMPLER_SETTINGS and (conditional or k not in _CLASS_SETTINGS)
               and (edm or k not in _EDM_SETTINGS)}
+  # Fields added later count only when they change the network's meaning (old tags stay).
+  precondition = config.model.get('preconditioning', '')
   model = {k: v for k, v in config.model.to_dict().items()
-           if k != 'num_classes' or v}
+           if (k not in ('num_classes', 'preconditioning') or v)
+           and (k != 'sigma_data' or precondition)}
   settings = {'seed': config.seed, 'sampling': sampling, 'model': model,
               'data': config.data.to_dict(), 'rows_per_shard': shard_size(config),
               'training': {k: config.training[k] for k in ('sde', 'continuous')}}

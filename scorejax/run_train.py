@@ -217,7 +217,7 @@ def run(config, workdir: str) -> dict:
   if training.snapshot_sampling:
     sampler = run_common.make_sharded_sampler(
         config, model, sde, run_common.sharded_batch_size(snapshot_count, mesh), mesh)
-  score_builder = run_common.score_fn_builder(model, sde, training.continuous)
+  score_builder = run_common.score_fn_builder(config, model, sde)
 
   writer = MetricWriter(workdir)
   preemption = Preemption()

@@ -445,7 +445,7 @@ def test_sample_mode_completes_test_images(tmp_path, condition, monkeypatch):
     from scorejax import analytic, run_common
 
     law = analytic.GaussianMixture.gaussian(np.zeros((8, 8, 3), np.float32), 0.04)
-    exact = lambda model, sde, continuous: (lambda params: law.score_fn(sde))
+    exact = lambda config, model, sde: (lambda params: law.score_fn(sde))
     monkeypatch.setattr(run_common, 'score_fn_builder', exact)
   # Inpainting with RePaint rounds and reconstruction guidance together.
   config = load_config(**data, **{'sampling.condition': condition, 'sampling.num_samples': 5,

@@ -96,7 +96,7 @@ def test_guidance_changes_samples_and_scale_zero_is_unconditional(trained, monke
 
   law = analytic.GaussianMixture.gaussian(np.full((8, 8, 1), 0.5, np.float32), 0.04)
   monkeypatch.setattr(run_common, 'score_fn_builder',
-                      lambda model, sde, continuous: (lambda params: law.score_fn(sde)))
+                      lambda config, model, sde: (lambda params: law.score_fn(sde)))
 
   common = {**DIGITS, 'sampling.condition': 'class', 'sampling.num_samples': 8,
             'sampling.batch_size': 8, 'sampling.method': 'ode', 'sampling.ode_method': 'heun',
@@ -203,7 +203,8 @@ def test_classifier_free_workflow(tmp_path):
   from scorejax.models import make_model
 
   sde = run_common.make_sde(train_config)
-  class_score = run_common.class_score_fn_builder(make_model(train_config), sde, True)(params)
+  class_score = run_common.class_score_fn_builder(train_config, make_model(train_config),
+                                                   sde)(params)
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
   t = jnp.full((2,), 0.5)
   differ = class_score(x, t, jnp.array([0, 0])) - class_score(x, t, jnp.array([5, 10]))

@@ -9,6 +9,12 @@ continuous)` turns `model_fn(x, labels)` into `score_fn(x, t)`.
 """
 
 from scorejax.models.factory import MODELS, make_model
-from scorejax.models.score import make_score_fn
+from scorejax.models.score import (
+    PRECONDITIONINGS,
+    EDMPreconditioning,
+    make_preconditioning,
+    make_score_fn,
+)
 
-__all__ = ['MODELS', 'make_model', 'make_score_fn']
+__all__ = ['MODELS', 'PRECONDITIONINGS', 'EDMPreconditioning', 'make_model',
+           'make_preconditioning', 'make_score_fn']
