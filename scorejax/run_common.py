@@ -63,6 +63,8 @@ def _meaning_settings(config: dict) -> dict[str, Any]:
     if field in _TRAINING_ONLY_MODEL_FIELDS or (
         field == 'num_scales' and training.get('continuous', True)):
       continue
+    if field == 'sigma_data' and not model.get('preconditioning'):  # read by it alone
+      continue
     settings[f'model.{field}'] = value
   return settings
 

@@ -8,6 +8,8 @@ coordinate given `y` is `v s^2 / (v + s^2)`, and the ideal network of the precon
 `F* = (D* - c_skip y) / c_out`.
 """
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -191,3 +193,8 @@ def test_a_preconditioned_run_trains_samples_and_keeps_its_meaning(tmp_path):
   plain = load_config(**{**edm, 'model.preconditioning': ''})
   with pytest.raises(ValueError, match=r"trained with model.preconditioning='edm' \(here ''\)"):
     run_sample.validate(plain, str(tmp_path))
+  # sigma_data is part of a preconditioned network's meaning (and of no other network's).
+  with pytest.raises(ValueError, match=r'model.sigma_data=0.5 \(here 0.7\)'):
+    run_sample.validate(load_config(**{**edm, 'model.sigma_data': 0.7}), str(tmp_path))
+  from scorejax.run_common import _meaning_settings
+  assert 'model.sigma_data' not in _meaning_settings(json.loads(plain.to_json_best_effort()))
