@@ -7,7 +7,6 @@ reference below runs the paper's pseudocode on it in float64, with no SDE score,
 kernel coefficient of the library, only the closed-form noise level of each SDE.
 """
 
-import dataclasses
 import functools
 import math
 
@@ -16,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import counted
-from test_fast_solvers import EPS, GAUSSIAN, MEAN, VARIANCE, _exact_flow
+from test_fast_solvers import EPS, GAUSSIAN, MEAN, VARIANCE, _exact_flow, check_builder
 from test_sampling import MIXTURE, N_SAMPLES, SDES, _assert_law
 
 from scorejax import edm_sampler, fast_solvers, sampling
@@ -151,19 +150,8 @@ def test_without_churn_the_samples_converge_to_the_ode_samplers_for_the_same_key
 
 
 def test_builder_takes_params_and_is_deterministic():
-  sde = SDES['vpsde']
-  sample_fn = edm_sampler.make_edm_sampler(
-      lambda means: dataclasses.replace(MIXTURE, means=means).score_fn(sde), sde, (32, 2),
-      n_steps=6, s_churn=10.0)
-  first, nfe = sample_fn(jax.random.key(3), MIXTURE.means)
-  again, _ = sample_fn(jax.random.key(3), MIXTURE.means)
-  direct, _ = edm_sampler.edm_sample(jax.random.key(3), MIXTURE.score_fn(sde), sde, (32, 2),
-                                     n_steps=6, s_churn=10.0)
-  assert nfe == 13
-  np.testing.assert_array_equal(first, again)
-  np.testing.assert_allclose(first, direct, rtol=1e-5, atol=1e-5)
-  moved, _ = sample_fn(jax.random.key(3), MIXTURE.means + 1.0)  # params are traced, not baked
-  assert np.abs(np.asarray(moved) - np.asarray(first)).max() > 0.5
+  check_builder(edm_sampler.make_edm_sampler, edm_sampler.edm_sample, 13, n_steps=6,
+                s_churn=10.0)
 
 
 @pytest.mark.parametrize('kwargs, message', [

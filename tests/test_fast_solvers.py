@@ -142,20 +142,27 @@ def test_log_snr_grid_and_its_inverse(name):
                              rtol=2e-3)
 
 
-def test_builder_takes_params_and_is_deterministic():
+def check_builder(make_sampler, sample, nfe, **kwargs):
+  """`make_sampler(builder, sde, shape, **kwargs)` is deterministic, equals
+  `sample(key, score_fn, sde, shape, **kwargs)`, reports `nfe`, and traces its parameters (the
+  mixture's means) instead of baking them in."""
   sde = SDES['vpsde']
-  sample_fn = fast_solvers.make_fast_sampler(
+  sample_fn = make_sampler(
       lambda means: dataclasses.replace(MIXTURE, means=means).score_fn(sde), sde, (32, 2),
-      method='dpmpp_2m', n_steps=6)
-  first, nfe = sample_fn(jax.random.key(3), MIXTURE.means)
+      **kwargs)
+  first, reported = sample_fn(jax.random.key(3), MIXTURE.means)
   again, _ = sample_fn(jax.random.key(3), MIXTURE.means)
-  direct, _ = fast_solvers.fast_sample(jax.random.key(3), MIXTURE.score_fn(sde), sde, (32, 2),
-                                       n_steps=6)
-  assert nfe == 6
+  direct, _ = sample(jax.random.key(3), MIXTURE.score_fn(sde), sde, (32, 2), **kwargs)
+  assert reported == nfe
   np.testing.assert_array_equal(first, again)
   np.testing.assert_allclose(first, direct, rtol=1e-5, atol=1e-5)
   moved, _ = sample_fn(jax.random.key(3), MIXTURE.means + 1.0)  # params are traced, not baked
   assert np.abs(np.asarray(moved) - np.asarray(first)).max() > 0.5
+
+
+def test_builder_takes_params_and_is_deterministic():
+  check_builder(fast_solvers.make_fast_sampler, fast_solvers.fast_sample, 6, method='dpmpp_2m',
+                n_steps=6)
 
 
 @pytest.mark.parametrize('kwargs, message', [
