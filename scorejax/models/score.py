@@ -23,7 +23,7 @@ network is instead the `F` of Karras et al. 2022 (Sec. 5, Table 1): in the scale
   c_in = 1 / sqrt(s^2 + sigma_data^2),  c_skip = sigma_data^2 / (s^2 + sigma_data^2),
   c_out = s sigma_data / sqrt(s^2 + sigma_data^2),
 
-so the network's input and its training target (`losses.edm_loss`) have unit variance at
+so the network's input and its training target (`scorejax.edm_loss`) have unit variance at
 every noise level, and at small noise the denoiser is mostly the skip connection. One
 departure from the paper: the time input keeps the continuous labels above (`999 t` or
 `sigma_t`) instead of EDM's `c_noise = ln(s) / 4`, because the time embeddings of the networks
