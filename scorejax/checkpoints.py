@@ -16,6 +16,7 @@ fails to restore, is reported, and the next older one is used.
 
 from __future__ import annotations
 
+import json
 import logging
 import pathlib
 from collections.abc import Iterator
@@ -105,6 +106,18 @@ class Checkpointer:
         continue
       return restored['state'], dict(restored['meta'] or {}), step
     return None
+
+
+def saved_at(step_dir: pathlib.Path) -> int | None:
+  """When orbax committed this step (`commit_timestamp_nsecs` of its step metadata), or None
+  for a step without that file (an importer's layout). Two trainings that both reach a step
+  in the same place give different stamps."""
+  try:
+    metadata = json.loads((pathlib.Path(step_dir) / '_CHECKPOINT_METADATA').read_text())
+  except (OSError, ValueError):
+    return None
+  stamp = metadata.get('commit_timestamp_nsecs') if isinstance(metadata, dict) else None
+  return int(stamp) if stamp is not None else None
 
 
 def find_step_dir(path: str | pathlib.Path, step: int | None = None) -> pathlib.Path:

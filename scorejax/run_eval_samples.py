@@ -111,7 +111,7 @@ def is_class_conditional(config) -> bool:
 def sampler_settings(config, workdir: pathlib.Path | None = None) -> dict:
   """The settings the eval samples of a checkpoint depend on, besides its parameters (shard
   `k` draws from `fold_in(key, k)`, so the shard size, rounded to the devices, counts too;
-  classifier guidance also depends on the classifier's checkpoint step)."""
+  classifier guidance also depends on the classifier's checkpoint step and when it was saved)."""
   conditional = is_class_conditional(config)
   edm = config.sampling.method.lower() == 'edm'
   sampling = {k: v for k, v in config.sampling.to_dict().items()
@@ -132,6 +132,8 @@ def sampler_settings(config, workdir: pathlib.Path | None = None) -> dict:
 
       step_dir = checkpoints.find_step_dir(run_class_conditional.classifier_dir(config, workdir))
       settings['classifier_checkpoint'] = str(step_dir.resolve())
+      # A classifier retrained from scratch to the same step must not reuse these shards.
+      settings['classifier_saved_at'] = checkpoints.saved_at(step_dir)
   return settings
 
 

@@ -2,6 +2,7 @@
 
 import logging
 import pathlib
+import time
 
 import jax
 import jax.numpy as jnp
@@ -87,6 +88,8 @@ def test_restore_params_prefers_ema_and_reads_params_only_checkpoints(tmp_path, 
   ckpt.wait()
   with caplog.at_level('WARNING'):
     ema, step = checkpoints.restore_params(tmp_path)
+  saved = checkpoints.saved_at(checkpoints.find_step_dir(tmp_path))
+  assert saved is not None and abs(saved / 1e9 - time.time()) < 600
   # No orbax warning about the item directory's missing step metadata (every sample / eval
   # run printed it); the filter is removed afterwards.
   assert not [r for r in caplog.records if 'Metadata file' in r.getMessage()]
@@ -102,7 +105,7 @@ def test_restore_params_prefers_ema_and_reads_params_only_checkpoints(tmp_path, 
   with ocp.StandardCheckpointer() as writer:
     writer.save(imported / '3' / 'state', {'params': state.params})
   params, step = checkpoints.restore_params(imported)
-  assert step == 3
+  assert step == 3 and checkpoints.saved_at(imported / '3') is None
   _assert_trees_equal(params, state.params)
   with pytest.raises(FileNotFoundError, match='no checkpoint for step 9'):
     checkpoints.restore_params(imported, 9)

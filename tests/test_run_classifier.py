@@ -256,6 +256,18 @@ def test_eval_scores_class_conditional_samples(trained):
   assert json.loads((directory / 'settings.json').read_text())['condition'] == 'class'
   other = load_config(**{**overrides, 'sampling.classifier_scale': 1.0})
   assert run_eval_samples.samples_directory(other, workdir, 20) != directory
+  # A classifier retrained to the same step in the same place (a new commit stamp) draws
+  # new samples instead of scoring these.
+  stamp_file = checkpoints.find_step_dir(workdir / 'classifier') / '_CHECKPOINT_METADATA'
+  original = stamp_file.read_text()
+  try:
+    stamp = json.loads(original)
+    stamp['commit_timestamp_nsecs'] += 1
+    stamp_file.write_text(json.dumps(stamp))
+    assert run_eval_samples.samples_directory(config, workdir, 20) != directory
+  finally:
+    stamp_file.write_text(original)
+  assert run_eval_samples.samples_directory(config, workdir, 20) == directory
   plain = {**DIGITS, 'sampling.batch_size': 8}
   assert run_eval_samples.samples_directory(load_config(**plain), workdir, 20) == \
       run_eval_samples.samples_directory(
