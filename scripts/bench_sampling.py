@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import integrate
 
-from scorejax import distributed, host_memory, likelihood, sampling
+from scorejax import distributed, edm_sampler, host_memory, likelihood, sampling
 from scorejax import sde as sde_lib
 from scorejax.models import make_model, make_score_fn
 
@@ -200,6 +200,12 @@ def run(args) -> tuple[str, list[dict]]:
       n_steps=args.pc_steps)
   add('PC sampler machinery alone (score = -x)', lambda out: out[1],
       lambda: bare_fn(key, variables), 'sampler overhead per NFE', args.repeats)
+  for churn in (0.0, 40.0):  # Karras et al. 2022: deterministic, and with churn noise
+    edm_fn = edm_sampler.make_edm_sampler(builder, sde, shape, n_steps=args.pc_steps // 2,
+                                          s_churn=churn)
+    add(f'EDM sampler ({args.pc_steps // 2} Heun steps, s_churn = {churn:g})',
+        lambda out: out[1], lambda f=edm_fn: f(key, variables), 'one compiled loop',
+        args.repeats)
 
   x_prior = sde.prior_sampling(jax.random.key(1), shape)
   for method in ['rk45', 'tsit5']:
