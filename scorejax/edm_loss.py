@@ -38,7 +38,8 @@ Array = jax.Array
 ScoreFn = Callable[[Array, Array], Array]
 Metrics = dict[str, Array]
 
-__all__ = ['EDM_P_MEAN', 'EDM_P_STD', 'edm_loss', 'edm_losses', 'edm_weight', 'level_range']
+__all__ = ['EDM_P_MEAN', 'EDM_P_STD', 'check_arguments', 'edm_loss', 'edm_losses', 'edm_weight',
+           'level_range']
 
 EDM_P_MEAN = -1.2  # log-normal noise levels of the paper (Table 1)
 EDM_P_STD = 1.2
@@ -64,9 +65,8 @@ def edm_losses(score_fn: ScoreFn, sde: sde_lib.SDE, x0: Array, s: Array, z: Arra
   low, high = level_range(sde, eps)
   s = jnp.clip(s, low, high)
   t = fast_solvers.time_of_log_snr(sde, -jnp.log(s), eps, sde.T)
-  mean, sigma = sde.marginal_prob(x0, t)
-  alpha = fast_solvers.kernel(sde, t)[0]
-  xt = mean + sde_lib.batch_mul(sigma, z)
+  alpha, sigma = fast_solvers.kernel(sde, t)
+  xt = sde_lib.batch_mul(alpha, x0) + sde_lib.batch_mul(sigma, z)
   score = sde_lib.evaluate_score(score_fn, xt, t)
   denoised = sde_lib.batch_mul(1.0 / alpha, xt + sde_lib.batch_mul(sigma**2, score))
   weight = edm_weight(sigma / alpha, sigma_data)

@@ -87,9 +87,8 @@ def _check(sde: sde_lib.SDE, *, n_steps: int, rho: float, eps: float, s_churn: f
   checks.check_in_range('s_tmax', s_tmax, low=low if low is not None else 0.0)
 
 
-def _noise_prediction(score_fn: ScoreFn, sde: sde_lib.SDE, x: Array, t: Array) -> Array:
-  """`eps(x, t) = -sigma_t score(x, t)` at a scalar time `t`."""
-  sigma = fast_solvers.kernel(sde, t)[1]
+def _noise_prediction(score_fn: ScoreFn, x: Array, t: Array, sigma: Array) -> Array:
+  """`eps(x, t) = -sigma_t score(x, t)` at a scalar time `t` with kernel std `sigma`."""
   return -sigma * sde_lib.evaluate_score(score_fn, x, jnp.full((x.shape[0],), t, x.dtype))
 
 
@@ -97,10 +96,9 @@ def _churned_levels(sde, times, levels, n_steps, eps, s_churn, s_tmin, s_tmax):
   """`(s_hat [n_steps], t_hat [n_steps])`: each step's raised noise level and its time."""
   gamma = jnp.where((levels[:-1] >= s_tmin) & (levels[:-1] <= s_tmax),
                     min(s_churn / n_steps, MAX_GAMMA), 0.0)
-  s_hat = jnp.minimum(levels[:-1] * (1.0 + gamma), levels[0])
-  raised = s_hat > levels[:-1]
+  s_hat = jnp.minimum(levels[:-1] * (1.0 + gamma), levels[0])  # = levels[:-1] where gamma = 0
   t_hat = fast_solvers.time_of_log_snr(sde, -jnp.log(s_hat), eps, sde.T)
-  return jnp.where(raised, s_hat, levels[:-1]), jnp.where(raised, t_hat, times[:-1])
+  return s_hat, jnp.where(s_hat > levels[:-1], t_hat, times[:-1])  # exact times if not raised
 
 
 @functools.partial(jax.jit, static_argnames=('score_fn', 'shape', 'n_steps', 'rho', 's_churn',
@@ -111,26 +109,26 @@ def _edm_sample(key, score_fn, sde, shape, n_steps, rho, eps, s_churn, s_tmin, s
   times = fast_solvers.sampling_times(sde, n_steps, eps, 'karras', rho=rho)
   alphas, sigmas = fast_solvers.kernel(sde, times)
   levels = sigmas / alphas
-  predict = functools.partial(_noise_prediction, score_fn, sde)
+  predict = functools.partial(_noise_prediction, score_fn)
   if s_churn > 0.0:
     s_hat, t_hat = _churned_levels(sde, times, levels, n_steps, eps, s_churn, s_tmin, s_tmax)
+    alpha_hat, sigma_hat = fast_solvers.kernel(sde, t_hat)
   else:
-    s_hat, t_hat = levels[:-1], times[:-1]
-  alpha_hat = fast_solvers.kernel(sde, t_hat)[0]
+    s_hat, t_hat, alpha_hat, sigma_hat = levels[:-1], times[:-1], alphas[:-1], sigmas[:-1]
 
   def step(i, y):
     if s_churn > 0.0:
       z = jax.random.normal(jax.random.fold_in(churn_key, i), y.shape, y.dtype)
       y = y + jnp.sqrt(jnp.maximum(s_hat[i]**2 - levels[i]**2, 0.0)) * s_noise * z
     h = levels[i + 1] - s_hat[i]
-    d = predict(alpha_hat[i] * y, t_hat[i])
+    d = predict(alpha_hat[i] * y, t_hat[i], sigma_hat[i])
     y_euler = y + h * d
-    return y + 0.5 * h * (d + predict(alphas[i + 1] * y_euler, times[i + 1]))
+    return y + 0.5 * h * (d + predict(alphas[i + 1] * y_euler, times[i + 1], sigmas[i + 1]))
 
   y = sde.prior_sampling(prior_key, shape) / alphas[0]
   y = jax.lax.fori_loop(0, n_steps, step, y)
   if denoise:
-    return y - levels[-1] * predict(alphas[-1] * y, times[-1])
+    return y - levels[-1] * predict(alphas[-1] * y, times[-1], sigmas[-1])
   return alphas[-1] * y
 
 

@@ -202,9 +202,8 @@ def preconditioning(config: ConfigDict) -> EDMPreconditioning | None:
     ValueError: for an unknown name (listing the valid ones), `model.sigma_data <= 0`, or
       `model.scale_by_sigma=True` with a preconditioning (which scales the output itself).
   """
-  result = make_preconditioning(config.model.get('preconditioning', ''),
-                                config.model.get('sigma_data', 0.5))
-  if result is not None and config.model.get('scale_by_sigma', False):
+  result = make_preconditioning(config.model.preconditioning, config.model.sigma_data)
+  if result is not None and config.model.scale_by_sigma:
     raise ValueError('model.scale_by_sigma=True divides the network output by sigma, which '
                      'model.preconditioning scales already (c_out): set '
                      'model.scale_by_sigma=False')
@@ -248,9 +247,9 @@ def make_loss_fn(config: ConfigDict, model, sde: sde_lib.SDE, *, train: bool = T
       sde, model, train=train, reduce_mean=training.reduce_mean,
       continuous=training.continuous, likelihood_weighting=training.likelihood_weighting,
       importance_weighting=training.importance_weighting, eps=training.eps,
-      class_dropout=training.class_dropout, objective=training.get('objective', 'sde'),
-      preconditioning=preconditioning(config), sigma_data=config.model.get('sigma_data', 0.5),
-      p_mean=training.get('p_mean', -1.2), p_std=training.get('p_std', 1.2),
+      class_dropout=training.class_dropout, objective=training.objective,
+      preconditioning=preconditioning(config), sigma_data=config.model.sigma_data,
+      p_mean=training.p_mean, p_std=training.p_std,
   )
   return lambda key, params, batch: loss_fn(params, key, batch)
 

@@ -42,6 +42,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from scorejax import fast_solvers
 from scorejax import sde as sde_lib
 
 Array = jax.Array
@@ -95,15 +96,18 @@ def _continuous_labels(sde: sde_lib.SDE, x: Array, t: Array) -> Array:
   return t * VP_CONTINUOUS_LABEL_SCALE
 
 
+def _unknown_sde(sde: sde_lib.SDE) -> TypeError:
+  return TypeError(f'no score convention for SDE {type(sde).__name__}; '
+                   'valid: VESDE, VariancePreservingSDE (VPSDE, CosineVPSDE), SubVPSDE')
+
+
 def _preconditioned_score_fn(model_fn: ModelFn, sde: sde_lib.SDE,
                              preconditioning: EDMPreconditioning) -> ScoreFn:
   if not isinstance(sde, sde_lib.VESDE | sde_lib.VariancePreservingSDE | sde_lib.SubVPSDE):
-    raise TypeError(f'no score convention for SDE {type(sde).__name__}; '
-                    'valid: VESDE, VariancePreservingSDE (VPSDE, CosineVPSDE), SubVPSDE')
+    raise _unknown_sde(sde)
 
   def score_fn(x: Array, t: Array) -> Array:
-    alpha, sigma = sde.marginal_prob(jnp.ones((t.shape[0], 1), x.dtype), t)
-    alpha, sigma = _per_sample(alpha[:, 0], x), _per_sample(sigma, x)
+    alpha, sigma = (_per_sample(a, x) for a in fast_solvers.kernel(sde, t))
     level = sigma / alpha
     c_in, c_skip, c_out = preconditioning.coefficients(level)
     out = model_fn(c_in * (x / alpha), _continuous_labels(sde, x, t))
@@ -142,7 +146,7 @@ def make_score_fn(model_fn: ModelFn, sde: sde_lib.SDE, continuous: bool = True, 
     if continuous or isinstance(sde, sde_lib.SubVPSDE):
 
       def score_fn(x: Array, t: Array) -> Array:
-        out = model_fn(x, t * VP_CONTINUOUS_LABEL_SCALE)
+        out = model_fn(x, _continuous_labels(sde, x, t))
         std = sde.marginal_prob(jnp.zeros_like(x), t)[1]
         return -out / _per_sample(std, out)
 
@@ -161,7 +165,7 @@ def make_score_fn(model_fn: ModelFn, sde: sde_lib.SDE, continuous: bool = True, 
     if continuous:
 
       def score_fn(x: Array, t: Array) -> Array:
-        return model_fn(x, sde.marginal_prob(jnp.zeros_like(x), t)[1])
+        return model_fn(x, _continuous_labels(sde, x, t))
 
     else:
 
@@ -171,5 +175,4 @@ def make_score_fn(model_fn: ModelFn, sde: sde_lib.SDE, continuous: bool = True, 
 
     return score_fn
 
-  raise TypeError(f'no score convention for SDE {type(sde).__name__}; '
-                  'valid: VESDE, VariancePreservingSDE (VPSDE, CosineVPSDE), SubVPSDE')
+  raise _unknown_sde(sde)
