@@ -230,19 +230,41 @@ def bits_per_dim(
   Raises:
     ValueError: for `num_repeats < 1` and the arguments `log_likelihood` rejects.
   """
+  def nll(repeat_key, y):
+    logp, _, nfe = log_likelihood(repeat_key, score_fn, sde, y, estimator=estimator, rtol=rtol,
+                                  atol=atol, eps=eps, method=method)
+    return -logp, nfe
+  return dequantized_bits_per_dim(key, nll, x, centered=centered, dequantize=dequantize,
+                                  num_repeats=num_repeats)
+
+
+def dequantized_bits_per_dim(
+    key: Array,
+    nll_fn: Callable[[Array, Array], tuple[Array, Array | int]],
+    x: Array,
+    *,
+    centered: bool,
+    dequantize: bool,
+    num_repeats: int,
+) -> tuple[Array, Array | int]:
+  """Steps 1-3 of `bits_per_dim`'s protocol around any `nll_fn(key, y) -> (nll [B], count)`
+  in nats (an exact NLL or a bound): `(bpd [B] averaged over the repeats, total count)`.
+
+  Raises:
+    ValueError: for `num_repeats < 1`.
+  """
   checks.check_count('num_repeats', num_repeats)
   x = jnp.asarray(x, jnp.float32)
   dim = int(np.prod(x.shape[1:]))
   offset = 7.0 if centered else 8.0
-  bpds, nfe = [], 0
+  bpds, count = [], 0
   for repeat in range(num_repeats):
-    dequantize_key, likelihood_key = jax.random.split(jax.random.fold_in(key, repeat))
+    dequantize_key, nll_key = jax.random.split(jax.random.fold_in(key, repeat))
     data = x
     if dequantize:
       data = (255.0 * x + jax.random.uniform(dequantize_key, x.shape)) / 256.0
     y = 2.0 * data - 1.0 if centered else data
-    logp, _, repeat_nfe = log_likelihood(likelihood_key, score_fn, sde, y, estimator=estimator,
-                                         rtol=rtol, atol=atol, eps=eps, method=method)
-    bpds.append(-logp / (dim * np.log(2.0)) + offset)
-    nfe = nfe + repeat_nfe
-  return jnp.mean(jnp.stack(bpds), axis=0), nfe
+    nll, repeat_count = nll_fn(nll_key, y)
+    bpds.append(nll / (dim * np.log(2.0)) + offset)
+    count = count + repeat_count
+  return jnp.mean(jnp.stack(bpds), axis=0), count

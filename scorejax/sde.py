@@ -89,6 +89,11 @@ class SDE(abc.ABC):
     """The reverse-time SDE (Eq. 6) or, with `probability_flow`, the ODE (Eq. 13)."""
     return ReverseSDE(self, score_fn, probability_flow)
 
+  @property
+  def prior_std(self) -> float:
+    """Standard deviation of the isotropic zero-mean Gaussian prior p_T (`prior_logp`)."""
+    raise NotImplementedError(f'{type(self).__name__} does not define prior_std')
+
   def likelihood_weight_integral(self, t: Array) -> Array:
     """`F(t)`, increasing, with `dF/dt = g(t)^2 / std(t)^2` (up to a constant).
 
@@ -193,6 +198,10 @@ class VESDE(SDE):
   def marginal_prob(self, x, t):
     return x, self.sigma(t)
 
+  @property
+  def prior_std(self):
+    return self.sigma_max
+
   def prior_sampling(self, key, shape):
     return jax.random.normal(key, shape) * self.sigma_max
 
@@ -260,6 +269,10 @@ class VariancePreservingSDE(SDE):
     # -expm1 keeps std accurate for small t, where 1 - exp(.) cancels in float32.
     std = jnp.sqrt(-jnp.expm1(2.0 * log_mean_coeff))
     return batch_mul(jnp.exp(log_mean_coeff), x), std
+
+  @property
+  def prior_std(self):
+    return 1.0
 
   def prior_sampling(self, key, shape):
     return jax.random.normal(key, shape)
@@ -398,6 +411,10 @@ class SubVPSDE(_LinearBetas, SDE):
   def marginal_prob(self, x, t):
     log_mean_coeff = self.log_mean_coeff(t)
     return batch_mul(jnp.exp(log_mean_coeff), x), -jnp.expm1(2.0 * log_mean_coeff)
+
+  @property
+  def prior_std(self):
+    return 1.0
 
   def prior_sampling(self, key, shape):
     return jax.random.normal(key, shape)
