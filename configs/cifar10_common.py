@@ -43,6 +43,8 @@ def get_cifar10_configs() -> ml_collections.ConfigDict:
   evaluate.num_samples = 50000
   evaluate.enable_loss = True
   evaluate.enable_bpd = False
+  evaluate.enable_elbo = False
+  evaluate.elbo_num_times = 16
   evaluate.bpd_dataset = 'test'
   evaluate.bpd_num_batches = 0
   evaluate.bpd_num_repeats = 5

@@ -96,6 +96,9 @@ def get_default_configs() -> ml_collections.ConfigDict:
   evaluate.batch_size = 128  # test-split batch size for the loss and bits/dim
   evaluate.enable_loss = True  # the training loss on the test split
   evaluate.enable_bpd = True  # bits/dim through the probability-flow ODE likelihood
+  evaluate.enable_elbo = True  # the variational bound on bits/dim of the reverse-SDE model
+  # (scorejax.elbo; same batches as bits/dim)
+  evaluate.elbo_num_times = 32  # stratified times per example (one network forward each)
   evaluate.enable_sampling = True  # sample-quality metrics: digits-FID / IS (digits), FID /
   # IS / KID (images; needs inception_path and fid_stats_path), SWD / MMD / NLL (2-D toys)
   evaluate.num_samples = 512  # samples for the sample-quality metrics (50000 for papers)

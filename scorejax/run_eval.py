@@ -11,6 +11,11 @@ Evaluators (enabled by config):
             ODE likelihood, with uniform dequantization and `eval.bpd_num_repeats`
             repeats (the paper's protocol); for 2-D data the NLL in nats, beside the
             true NLL of the toy distribution.
+  'elbo'    (`eval.enable_elbo`): the variational bound on the negative log-likelihood of the
+            reverse-SDE model (`scorejax.elbo`, `eval.elbo_num_times` forwards per example)
+            in bits/dim on the same dequantized batches as 'bpd' (nats for 2-D data): an
+            upper bound on the bits/dim of the SDE samplers' model, where 'bpd' is the
+            exact bits/dim of the probability-flow ODE's.
   'samples' (`eval.enable_sampling`): `eval.num_samples` samples drawn over all devices
             into resumable shards `eval/ckpt_<step>/sampler_<tag>/samples_<k>.npz` (one
             folder per sampler settings), then their quality:
@@ -45,8 +50,10 @@ from scorejax.logging_utils import MetricWriter, read_jsonl
 from scorejax.models import make_model
 
 EVAL_MODE_STREAM = 5  # fold_in constant of the eval-mode key
+ELBO_STREAM = 1  # fold_in constant of the bound's key (apart from the likelihood's)
 # Headline numbers printed after each checkpoint.
-SUMMARY_KEYS = ('eval_loss', 'bpd', 'bpd_median', 'bpd_conditional', 'nll', 'true_nll',
+SUMMARY_KEYS = ('eval_loss', 'bpd', 'bpd_median', 'bpd_conditional', 'bpd_elbo', 'nll',
+                'nll_elbo', 'true_nll',
                 'digits_fid', 'digits_is', 'accuracy', 'fid', 'inception_score', 'kid',
                 'sample_swd', 'sample_mmd', 'sample_nll')
 
@@ -98,6 +105,36 @@ def bits_per_dim_offset(config) -> float:
   return math.log2(dequantization_levels(config)) - math.log2(scale)
 
 
+def _likelihood_batches(context: EvalContext, key: jax.Array):
+  """`(key, batch)` over `eval.bpd_num_repeats` passes of the bits/dim batches; each pass
+  draws fresh dequantization noise (a different data seed) and a fresh key."""
+  config, e = context.config, context.config.eval
+  for repeat in range(max(1, e.bpd_num_repeats)):
+    batches = _test_batches(config, e.bpd_dataset, e.batch_size, e.bpd_num_batches,
+                            seed=config.seed + repeat,
+                            uniform_dequantization=not run_common.is_toy(config))
+    for i, batch in enumerate(batches):
+      yield jax.random.fold_in(jax.random.fold_in(key, repeat), i), batch
+
+
+def _to_bpd(config, nll_or_logp, sign: float = -1.0) -> np.ndarray:
+  """Bits/dim of the dequantized data from `log p` (`sign=-1`) or from an NLL (`sign=1`)."""
+  values = sign * np.asarray(nll_or_logp, np.float64)
+  return values / (int(np.prod(run_common.element_shape(config))) * math.log(2)) + \
+      bits_per_dim_offset(config)
+
+
+def _true_nll(config, x) -> np.ndarray:
+  distribution = toy_data.make_toy(config.data.dataset.lower())
+  return -np.asarray(distribution.log_prob(np.asarray(x)), np.float64)
+
+
+def _summary(name: str, values: np.ndarray) -> dict[str, float]:
+  return {name: float(values.mean()), f'{name}_median': float(np.median(values)),
+          f'{name}_std_err': float(values.std() / math.sqrt(len(values))),
+          f'{name}_examples': len(values)}
+
+
 def evaluate_bpd(context: EvalContext) -> dict[str, float]:
   """Bits/dim (images) or NLL in nats (2-D data) through the probability-flow ODE.
 
@@ -132,32 +169,21 @@ def evaluate_bpd(context: EvalContext) -> dict[str, float]:
   conditional_values = []
 
   values, nfes, true_nll = [], [], []
-  for repeat in range(max(1, e.bpd_num_repeats)):
-    # Each repeat draws fresh dequantization noise (a different data seed).
-    batches = _test_batches(config, e.bpd_dataset, e.batch_size, e.bpd_num_batches,
-                            seed=config.seed + repeat, uniform_dequantization=not toy)
-    for i, batch in enumerate(batches):
-      x = jnp.asarray(batch['image'])
-      key = jax.random.fold_in(jax.random.fold_in(context.key, repeat), i)
-      logp, nfe = logp_fn(key, context.params, x)
-      dim = int(np.prod(x.shape[1:]))
-      to_bpd = lambda logp, dim=dim: -np.asarray(logp, np.float64) / (dim * math.log(2)) + \
-          bits_per_dim_offset(config)
-      values.append(-np.asarray(logp, np.float64) if toy else to_bpd(logp))
-      if conditional:
-        logp_y, _ = class_logp_fn(key, context.params, x, jnp.asarray(batch['label']))
-        conditional_values.append(to_bpd(logp_y))
-      nfes.append(float(nfe))
-      if toy:
-        distribution = toy_data.make_toy(config.data.dataset.lower())
-        true_nll.append(-np.asarray(distribution.log_prob(np.asarray(x)), np.float64))
+  for key, batch in _likelihood_batches(context, context.key):
+    x = jnp.asarray(batch['image'])
+    logp, nfe = logp_fn(key, context.params, x)
+    values.append(-np.asarray(logp, np.float64) if toy else _to_bpd(config, logp))
+    if conditional:
+      logp_y, _ = class_logp_fn(key, context.params, x, jnp.asarray(batch['label']))
+      conditional_values.append(_to_bpd(config, logp_y))
+    nfes.append(float(nfe))
+    if toy:
+      true_nll.append(_true_nll(config, x))
   values = np.concatenate(values)
   if toy:
     return {'nll': float(values.mean()), 'true_nll': float(np.concatenate(true_nll).mean()),
             'nll_nfe': float(np.mean(nfes))}
-  result = {'bpd': float(values.mean()), 'bpd_median': float(np.median(values)),
-            'bpd_std_err': float(values.std() / math.sqrt(len(values))),
-            'bpd_nfe': float(np.mean(nfes)), 'bpd_examples': len(values)}
+  result = {**_summary('bpd', values), 'bpd_nfe': float(np.mean(nfes))}
   if conditional:
     given = np.concatenate(conditional_values)
     result.update(bpd_conditional=float(given.mean()),
@@ -165,9 +191,39 @@ def evaluate_bpd(context: EvalContext) -> dict[str, float]:
   return result
 
 
+def evaluate_elbo(context: EvalContext) -> dict[str, float]:
+  """The variational bound of `scorejax.elbo` on the bits/dim batches (nats for 2-D data).
+
+  `bpd_elbo_prior` is the prior's KL term (bits/dim): it shows whether `p_T` reaches the
+  prior. A class-conditional model is bounded through its "no class" part."""
+  from scorejax import elbo
+
+  config = context.config
+  toy = run_common.is_toy(config)
+  score_fn = run_common.score_fn_builder(config, context.model, context.sde)
+  bound_fn = jax.jit(lambda key, params, x: elbo.negative_elbo(
+      key, score_fn(params), context.sde, x, num_times=config.eval.elbo_num_times))
+  values, priors, true_nll = [], [], []
+  for key, batch in _likelihood_batches(context,
+                                        jax.random.fold_in(context.key, ELBO_STREAM)):
+    x = jnp.asarray(batch['image'])
+    bound, terms = bound_fn(key, context.params, x)
+    values.append(np.asarray(bound, np.float64) if toy else _to_bpd(config, bound, 1.0))
+    priors.append(np.asarray(terms['prior'], np.float64))
+    if toy:
+      true_nll.append(_true_nll(config, x))
+  values, prior = np.concatenate(values), float(np.concatenate(priors).mean())
+  if toy:
+    return {'nll_elbo': float(values.mean()), 'nll_elbo_prior': prior,
+            'true_nll': float(np.concatenate(true_nll).mean())}
+  dim = int(np.prod(run_common.element_shape(config)))
+  return {**_summary('bpd_elbo', values), 'bpd_elbo_prior': prior / (dim * math.log(2))}
+
+
 EVALUATORS: dict[str, Callable[[EvalContext], dict[str, float]]] = {
     'loss': evaluate_loss,
     'bpd': evaluate_bpd,
+    'elbo': evaluate_elbo,
     'samples': run_eval_samples.evaluate_samples,
 }
 
@@ -175,7 +231,7 @@ EVALUATORS: dict[str, Callable[[EvalContext], dict[str, float]]] = {
 def enabled_evaluators(config) -> list[str]:
   """Names of the evaluators the config turns on, in `EVALUATORS` order."""
   flags = {'loss': config.eval.enable_loss, 'bpd': config.eval.enable_bpd,
-           'samples': config.eval.enable_sampling}
+           'elbo': config.eval.enable_elbo, 'samples': config.eval.enable_sampling}
   return [name for name in EVALUATORS if flags.get(name, False)]
 
 
@@ -230,6 +286,8 @@ def validate(config, workdir: str) -> None:
       checks.check_tolerances(config.eval.rtol, config.eval.atol)
     except ValueError as error:
       raise ValueError(f'likelihood settings (eval.rtol, eval.atol): {error}') from None
+  if config.eval.enable_elbo:
+    checks.check_count('eval.elbo_num_times', config.eval.elbo_num_times)
   run_eval_samples.validate(config)
   if config.eval.enable_sampling and run_eval_samples.is_class_conditional(config):
     from scorejax import run_class_conditional
@@ -239,7 +297,7 @@ def validate(config, workdir: str) -> None:
       pathlib.Path(workdir)
   run_common.check_trained_settings(config, source)
   run_common.check_class_labels(config)
-  if config.eval.enable_loss or config.eval.enable_bpd:
+  if config.eval.enable_loss or config.eval.enable_bpd or config.eval.enable_elbo:
     run_common.make_data(config, 'test', config.eval.batch_size, num_epochs=1, shuffle=False)
   if not config.eval.watch:
     checkpoints.find_step_dir(source, config.sampling.checkpoint_step or None)

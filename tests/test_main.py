@@ -140,6 +140,9 @@ def test_bad_sde_and_likelihood_settings_fail_before_writing(tmp_path):
   with pytest.raises(ValueError, match=r'^likelihood settings .* rtol must be in'):
     run_eval.validate(load_config(**{'eval.rtol': -1.0, 'eval.enable_bpd': True}),
                       str(workdir))
+  with pytest.raises(ValueError, match=r'^eval.elbo_num_times must be an integer >= 1, got 0'):
+    run_eval.validate(load_config(**{'eval.elbo_num_times': 0, 'eval.enable_elbo': True}),
+                      str(workdir))
 
 
 @pytest.mark.parametrize('overrides, expected', [
@@ -196,6 +199,9 @@ def test_train_sample_eval_on_smoke_config(tmp_path):
   # below 2 nats, two standard errors are 1 nat.
   assert np.isfinite(results[0]['nll']) and results[0]['nll_nfe'] > 0
   assert results[0]['nll'] > results[0]['true_nll'] - 1.0
+  # The variational bound on the reverse-SDE model's NLL: the same argument, on the same points.
+  assert np.isfinite(results[0]['nll_elbo']) and results[0]['nll_elbo_prior'] < 1e-3
+  assert results[0]['nll_elbo'] > results[0]['true_nll'] - 1.0
   assert read_jsonl(tmp_path / 'eval' / 'metrics.jsonl')[-1]['step'] == 20
 
   # Watching: every periodic checkpoint not yet in eval/metrics.jsonl, then stop at n_iters.
