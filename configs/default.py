@@ -54,6 +54,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
   config.sampling = sampling = ml_collections.ConfigDict()
   # 'pc' (predictor-corrector) | 'ode' (probability flow) | 'fast' (DDIM, DPM-Solver(++))
   # | 'edm' (Karras et al. 2022: Heun in the noise level, optional stochastic churn)
+  # | 'adaptive' (Jolicoeur-Martineau et al. 2021: reverse SDE, adaptive steps per sample)
   sampling.method = 'pc'
   sampling.predictor = 'euler_maruyama'  # see scorejax.sampling.PREDICTORS
   sampling.corrector = 'none'  # see scorejax.sampling.CORRECTORS
@@ -73,6 +74,8 @@ def get_default_configs() -> ml_collections.ConfigDict:
   sampling.s_tmin = 0.0  # method='edm': churn only at noise levels sigma_t / alpha_t >= s_tmin
   sampling.s_tmax = float('inf')  # method='edm': ... and <= s_tmax
   sampling.s_noise = 1.0  # method='edm': scale of the churn noise
+  sampling.adaptive_rtol = 0.05  # method='adaptive': relative tolerance of the local error
+  sampling.adaptive_atol = 0.0078  # method='adaptive': absolute tolerance, in data units
   sampling.rtol = 1e-5  # ODE relative tolerance
   sampling.atol = 1e-5  # ODE absolute tolerance
   sampling.batch_size = 64  # samples drawn per compiled call

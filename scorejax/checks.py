@@ -68,14 +68,15 @@ def check_time(name: str, value, T: float) -> None:
   check_in_range(name, value, low=0.0, high=T, low_open=True, high_open=True)
 
 
-def check_tolerances(rtol, atol) -> None:
-  """Raises unless `rtol, atol >= 0` and not both are 0 (an adaptive solver never ends)."""
-  check_in_range('rtol', rtol, low=0.0)
-  check_in_range('atol', atol, low=0.0)
+def check_tolerances(rtol, atol, names: tuple[str, str] = ('rtol', 'atol')) -> None:
+  """Raises unless `rtol, atol >= 0` and not both are 0 (an adaptive solver never ends); the
+  messages call them `names`."""
+  check_in_range(names[0], rtol, low=0.0)
+  check_in_range(names[1], atol, low=0.0)
   r, a = concrete(rtol), concrete(atol)
   if r == 0.0 and a == 0.0:
-    raise ValueError('rtol and atol must not both be 0 (the adaptive step would shrink '
-                     'without end), got rtol=0, atol=0')
+    raise ValueError(f'{names[0]} and {names[1]} must not both be 0 (the adaptive step would '
+                     f'shrink without end), got {names[0]}=0, {names[1]}=0')
 
 
 def keyword_arguments(fn: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:

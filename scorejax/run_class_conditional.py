@@ -6,7 +6,7 @@ classifier of `--mode=train_classifier` (`sampling.classifier`, default
 `sampling.classifier_scale`, is added to the score. A class-conditional score model
 (`model.num_classes > 0`, trained with `training.class_dropout`) needs no classifier: it is
 guided classifier-free with weight `sampling.cfg_weight`. Either way the configured sampler
-(`sampling.method` 'pc', 'ode', 'fast' or 'edm') runs on the guided score
+(`sampling.method` 'pc', 'ode', 'fast', 'edm' or 'adaptive') runs on the guided score
 (`scorejax.classifier_guidance`), each batch split over all devices.
 `sampling.class_label` picks the class; -1 draws classes 0, 1, ..., K-1 in turn. Writes
 `samples/class_<step>.npz` (`samples` NHWC in [0, 1], `labels`, `nfe` per batch, `scale`:

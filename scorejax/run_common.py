@@ -20,13 +20,22 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from scorejax import datasets, distributed, edm_sampler, fast_solvers, sampling
+from scorejax import (
+  adaptive_sampler,
+  checks,
+  datasets,
+  distributed,
+  edm_sampler,
+  fast_solvers,
+  sampling,
+)
 from scorejax import sde as sde_lib
 from scorejax.models import EDMPreconditioning, make_preconditioning, make_score_fn
 from scorejax.train import LossFn
 
-# sampling.method: scorejax.sampling ('pc', 'ode'), .fast_solvers, .edm_sampler
-SAMPLING_METHODS = ('pc', 'ode', 'fast', 'edm')
+# sampling.method: scorejax.sampling ('pc', 'ode'), .fast_solvers, .edm_sampler,
+# .adaptive_sampler
+SAMPLING_METHODS = ('pc', 'ode', 'fast', 'edm', 'adaptive')
 
 Params = Any
 ConfigDict = ml_collections.ConfigDict
@@ -295,6 +304,13 @@ def make_sampler(
     return edm_sampler.make_edm_sampler(
         builder, sde, shape, rho=s.rho, eps=s.eps, s_churn=s.s_churn, s_tmin=s.s_tmin,
         s_tmax=s.s_tmax, s_noise=s.s_noise, denoise=s.noise_removal, **options,
+    )
+  if s.method.lower() == 'adaptive':
+    checks.check_tolerances(s.adaptive_rtol, s.adaptive_atol,
+                            ('sampling.adaptive_rtol', 'sampling.adaptive_atol'))
+    return adaptive_sampler.make_adaptive_sampler(
+        builder, sde, shape, rtol=s.adaptive_rtol, atol=s.adaptive_atol, eps=s.eps,
+        denoise=s.noise_removal,
     )
   raise ValueError(f"unknown sampling.method {s.method!r}; valid choices: "
                    f"{list(SAMPLING_METHODS)}")

@@ -99,8 +99,9 @@ _NOT_SAMPLER_SETTINGS = ('num_samples', 'condition', 'mask', 'n_resample', 'guid
 # Settings of class-conditional sampling, which count only with `sampling.condition=class`
 # (so unconditional samples keep the tags they had before these settings existed).
 _CLASS_SETTINGS = ('class_label', 'classifier_scale', 'cfg_weight', 'classifier')
-# Settings of the EDM sampler, which count only with `sampling.method=edm` (likewise).
-_EDM_SETTINGS = ('rho', 's_churn', 's_tmin', 's_tmax', 's_noise')
+# Settings of one sampling method, which count only with that `sampling.method` (likewise).
+_METHOD_SETTINGS = {'edm': ('rho', 's_churn', 's_tmin', 's_tmax', 's_noise'),
+                    'adaptive': ('adaptive_rtol', 'adaptive_atol')}
 
 
 def is_class_conditional(config) -> bool:
@@ -113,10 +114,11 @@ def sampler_settings(config, workdir: pathlib.Path | None = None) -> dict:
   `k` draws from `fold_in(key, k)`, so the shard size, rounded to the devices, counts too;
   classifier guidance also depends on the classifier's checkpoint step and when it was saved)."""
   conditional = is_class_conditional(config)
-  edm = config.sampling.method.lower() == 'edm'
+  method = config.sampling.method.lower()
+  unused = {k for name, keys in _METHOD_SETTINGS.items() if name != method for k in keys}
   sampling = {k: v for k, v in config.sampling.to_dict().items()
               if k not in _NOT_SAMPLER_SETTINGS and (conditional or k not in _CLASS_SETTINGS)
-              and (edm or k not in _EDM_SETTINGS)}
+              and k not in unused}
   # Fields added later count only when they change the network's meaning (old tags stay).
   precondition = config.model.get('preconditioning', '')
   model = {k: v for k, v in config.model.to_dict().items()

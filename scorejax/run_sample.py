@@ -3,8 +3,9 @@
 Restores the newest checkpoint of the workdir (or `sampling.checkpoint` /
 `sampling.checkpoint_step`), with the EMA parameters unless `sampling.use_ema=False`,
 and draws `sampling.num_samples` samples with the configured sampler (`sampling.method`
-'pc', 'ode', 'fast' or 'edm' and their options) in batches of `sampling.batch_size` (rounded
-up to a multiple of the device count), each batch split over all devices. Writes
+'pc', 'ode', 'fast', 'edm' or 'adaptive' and their options) in batches of
+`sampling.batch_size` (rounded up to a multiple of the device count), each batch split over
+all devices. Writes
 `samples/samples_<step>.npz` (array `samples`: images NHWC float32 in [0, 1], 2-D data in
 its own coordinates; `nfe`: score evaluations per batch) and `samples/samples_<step>.png`.
 The same seed and checkpoint give the same samples. Checkpoints written by the

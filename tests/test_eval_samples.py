@@ -91,7 +91,7 @@ def test_image_metrics_need_weights_and_stats(tmp_path, monkeypatch):
   run_eval_samples.validate(load_config('smoke'))
 
 
-@pytest.mark.parametrize('method', ['pc', 'ode', 'fast', 'edm'])
+@pytest.mark.parametrize('method', ['pc', 'ode', 'fast', 'edm', 'adaptive'])
 def test_sharded_sampling_is_device_count_independent(method):
   """The same key gives the same samples with the batch on one device or split over two."""
   assert jax.device_count() >= 2
@@ -123,10 +123,15 @@ def test_sharded_batch_size_rounds_up_to_devices():
                                     mesh)
 
 
-def test_edm_settings_enter_the_tag_only_with_the_edm_sampler(tmp_path):
-  # Runs evaluated before the EDM sampler existed keep their sample shards.
+def test_method_settings_enter_the_tag_only_with_their_sampler(tmp_path):
+  # Runs evaluated before the EDM / adaptive samplers existed keep their sample shards.
   tag = lambda **overrides: run_eval_samples.samples_directory(
       load_config('default', **overrides), tmp_path, 1).name
-  assert tag() == tag(**{'sampling.s_churn': 30.0, 'sampling.rho': 3.0})
+  assert tag() == tag(**{'sampling.s_churn': 30.0, 'sampling.rho': 3.0,
+                         'sampling.adaptive_rtol': 0.01})
   edm = tag(**{'sampling.method': 'edm'})
   assert edm != tag() and edm != tag(**{'sampling.method': 'edm', 'sampling.s_churn': 30.0})
+  assert edm == tag(**{'sampling.method': 'edm', 'sampling.adaptive_rtol': 0.01})
+  adaptive = tag(**{'sampling.method': 'adaptive'})
+  assert adaptive != tag(**{'sampling.method': 'adaptive', 'sampling.adaptive_atol': 0.01})
+  assert adaptive == tag(**{'sampling.method': 'adaptive', 'sampling.s_churn': 30.0})

@@ -116,7 +116,9 @@ def test_missing_checkpoint_fails_before_writing(tmp_path):
     ({'sampling.method': 'fast', 'sampling.fast_method': 'dpm_4'}, "valid choices: ['ddim'"),
     ({'sampling.method': 'fast', 'sampling.time_grid': 'cosine'}, 'unknown time_grid'),
     ({'sampling.method': 'edm', 'sampling.s_churn': -1.0}, 's_churn must be in [0, inf)'),
-    ({'sampling.method': 'sde'}, "valid choices: ['pc', 'ode', 'fast', 'edm']"),
+    ({'sampling.method': 'adaptive', 'sampling.adaptive_rtol': -0.1},
+     'sampling.adaptive_rtol must be in [0, inf)'),
+    ({'sampling.method': 'sde'}, "valid choices: ['pc', 'ode', 'fast', 'edm', 'adaptive']"),
 ])
 @pytest.mark.parametrize('runner', [run_train, run_sample, run_eval])
 def test_every_mode_rejects_bad_sampler_settings_up_front(tmp_path, runner, overrides,
