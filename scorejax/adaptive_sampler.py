@@ -38,7 +38,7 @@ Noise and keys. `split(key)[0]` draws the prior, as `sampling.ode_sample` and
 `edm_sampler.edm_sample` do (same key, same `x_T`). The noise of every attempt is an
 increment of one Brownian path per sample, `z = (W_b(t) - W_b(t - h)) / sqrt(h)`, read from a
 `diffrax.VirtualBrownianTree` on `[eps, T]` with the key `fold_in(split(key)[1], b)`
-(`brownian_paths`, `increments`). Departure from the paper, which draws a fresh `z` for every
+(`brownian_paths`, `path_values`). Departure from the paper, which draws a fresh `z` for every
 attempt: for small steps `x' - x''` is dominated by terms proportional to `z`, so rejecting an
 attempt and redrawing selects the noise, and the accepted increments are not those of a
 Brownian motion. Measured with exact scores on `N(0.5, 0.25 I)` at the default tolerances, the
@@ -49,8 +49,9 @@ over a shorter interval, so no draw is selected, and at smaller tolerances the s
 to the exact solution driven by the same path (strong convergence). A sample's trajectory does
 not depend on the rest of the batch: the first rows of a larger batch equal a smaller batch's
 with the same key (with JAX's default `jax_threefry_partitionable`, under which the prior draw
-has that property too). Reading a path costs ~20 normal draws of one sample's shape per end
-point (its tree's depth), small next to a network evaluation.
+has that property too). Each attempt reads its sample's path at one new time (`W(t)` of the
+accepted time is kept), which costs ~20 normal draws of one sample's shape (the depth of its
+tree).
 
 Cost. The batch is evaluated whole: every loop iteration costs two score evaluations,
 rejected attempts and already-finished samples included, so `nfe = 2 iterations`, plus one
@@ -85,7 +86,7 @@ Params = Any
 ScoreFn = Callable[[Array, Array], Array]
 
 __all__ = ['AdaptiveStats', 'adaptive_sample', 'adaptive_sample_with_stats', 'adaptive_update',
-           'attempted_step', 'brownian_paths', 'increments', 'make_adaptive_sampler']
+           'attempted_step', 'brownian_paths', 'make_adaptive_sampler', 'path_values']
 
 # Resolution of the Brownian paths, relative to `T - eps`: below it a path is a Brownian bridge
 # between its tree's points (diffrax), far below the smallest steps taken.
@@ -129,16 +130,17 @@ def attempted_step(t: Array, h: Array, eps: float) -> tuple[Array, Array]:
 
 
 def brownian_paths(key: Array, batch: int, event_shape: tuple[int, ...], T: float, eps: float):
-  """One Brownian path on `[eps, T]` per sample: `diffrax.VirtualBrownianTree`s (batched), with
-  the keys `fold_in(key, b)`. `increments(paths, t_low, t_high) -> [B, ...]` reads them."""
+  """One Brownian path `W_b` on `[eps, T]` (`W_b(eps) = 0`) per sample:
+  `diffrax.VirtualBrownianTree`s (batched), with the keys `fold_in(key, b)`; `path_values` reads
+  them."""
   tolerance = _TREE_TOLERANCE * (T - eps)
   return jax.vmap(lambda b: diffrax.VirtualBrownianTree(
       eps, T, tolerance, event_shape, jax.random.fold_in(key, b)))(jnp.arange(batch))
 
 
-def increments(paths, t_low: Array, t_high: Array) -> Array:
-  """`W_b(t_high) - W_b(t_low)` of each sample's path (`[B]` times; 0 where they are equal)."""
-  return jax.vmap(lambda path, low, high: path.evaluate(low, high))(paths, t_low, t_high)
+def path_values(paths, times: Array) -> Array:
+  """`W_b(times_b)` `[B, ...]` of each sample's path (one tree descent each)."""
+  return jax.vmap(lambda path, time: path.evaluate(time))(paths, times)
 
 
 def adaptive_update(
@@ -194,19 +196,20 @@ def _adaptive_sample(key, score_fn, sde, shape, rtol, atol, h_init, safety, expo
   paths = brownian_paths(noise_key, batch, tuple(shape[1:]), sde.T, eps)
 
   def body(carry):
-    k, x, x_prev, t, h, accepted, rejected = carry
+    k, x, x_prev, t, h, w, accepted, rejected = carry  # w = W(t), kept: one descent a step
     active = t > eps
     h_step, t_next = attempted_step(t, h, eps)
-    noise = increments(paths, t_next, t) / batch_mul(jnp.sqrt(jnp.where(active, h_step, 1.0)),
-                                                     jnp.ones_like(x))
+    w_next = path_values(paths, t_next)
+    noise = (w - w_next) / batch_mul(jnp.sqrt(jnp.where(active, h_step, 1.0)), jnp.ones_like(x))
     x, x_prev, t, h, accept = step(x, x_prev, t, h, noise)
-    return (k + 1, x, x_prev, t, h, accepted + accept, rejected + (active & ~accept))
+    w = _where(accept, w_next, w)
+    return (k + 1, x, x_prev, t, h, w, accepted + accept, rejected + (active & ~accept))
 
   def cond(carry):
     return (carry[0] < max_steps) & jnp.any(carry[3] > eps)
 
-  init = (jnp.asarray(0, jnp.int32), x, x, t, h, counts, counts)
-  iterations, x, _, t, _, accepted, rejected = jax.lax.while_loop(cond, body, init)
+  init = (jnp.asarray(0, jnp.int32), x, x, t, h, path_values(paths, t), counts, counts)
+  iterations, x, _, t, _, _, accepted, rejected = jax.lax.while_loop(cond, body, init)
   nfe = 2 * iterations
   if denoise:
     x = reverse_diffusion_update(x, jnp.full((batch,), eps, x.dtype), jnp.zeros_like(x),
