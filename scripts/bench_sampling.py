@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import integrate
 
-from scorejax import distributed, edm_sampler, host_memory, likelihood, sampling
+from scorejax import adaptive_sampler, distributed, edm_sampler, host_memory, likelihood, sampling
 from scorejax import sde as sde_lib
 from scorejax.models import make_model, make_score_fn
 
@@ -206,6 +206,10 @@ def run(args) -> tuple[str, list[dict]]:
     add(f'EDM sampler ({args.pc_steps // 2} Heun steps, s_churn = {churn:g})',
         lambda out: out[1], lambda f=edm_fn: f(key, variables), 'one compiled loop',
         args.repeats)
+  # Jolicoeur-Martineau et al. 2021 with per-sample Brownian paths: data-dependent NFE.
+  adaptive_fn = adaptive_sampler.make_adaptive_sampler(builder, sde, shape)
+  add('adaptive SDE sampler (rtol 0.05, atol 0.0078)', lambda out: int(out[1]),
+      lambda: adaptive_fn(key, variables), 'one compiled loop, Brownian paths', args.repeats)
 
   x_prior = sde.prior_sampling(jax.random.key(1), shape)
   for method in ['rk45', 'tsit5']:
