@@ -220,25 +220,17 @@ def _adaptive_sample(key, score_fn, sde, shape, rtol, atol, h_init, safety, expo
 
 
 def adaptive_sample_with_stats(
-    key: Array,
-    score_fn: ScoreFn,
-    sde: sde_lib.SDE,
-    shape: tuple[int, ...],
-    *,
-    rtol: float = 0.05,
-    atol: float = 0.0078,
-    h_init: float = 0.01,
-    safety: float = 0.9,
-    exponent: float = 0.9,
-    eps: float = 1e-3,
-    max_steps: int = 16384,
-    denoise: bool = True,
+    key: Array, score_fn: ScoreFn, sde: sde_lib.SDE, shape: tuple[int, ...], **options: Any,
 ) -> tuple[Array, Array, AdaptiveStats]:
-  """`adaptive_sample`'s run, returning `(samples, nfe, AdaptiveStats)`."""
-  _check(sde, rtol=rtol, atol=atol, h_init=h_init, safety=safety, exponent=exponent, eps=eps,
-         max_steps=max_steps)
-  return _adaptive_sample(key, score_fn, sde, tuple(shape), rtol, atol, h_init, safety,
-                          exponent, eps, max_steps, denoise)
+  """`adaptive_sample`'s run (the same keyword arguments), returning
+  `(samples, nfe, AdaptiveStats)`.
+
+  Raises:
+    ValueError, TypeError: as `adaptive_sample` and `make_adaptive_sampler`.
+  """
+  options = checks.keyword_arguments(adaptive_sample, options)
+  _check(sde, **options)
+  return _adaptive_sample(key, score_fn, sde, tuple(shape), **options)
 
 
 def adaptive_sample(

@@ -132,7 +132,7 @@ def test_nfe_falls_as_the_tolerances_loosen():
   assert np.all(np.diff(by_rtol) < 0) and np.all(np.diff(by_atol) < 0), (by_rtol, by_atol)
 
 
-@pytest.mark.parametrize('name', ['vesde', 'vpsde'])
+@pytest.mark.parametrize('name', [pytest.param('vesde', marks=pytest.mark.slow), 'vpsde'])
 def test_samples_converge_along_their_brownian_paths(name):
   """Strong convergence: the same key gives the same Brownian paths at every tolerance, so the
   samples converge to the paths' exact solutions as the tolerances shrink (a fresh draw per

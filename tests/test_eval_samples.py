@@ -19,7 +19,7 @@ def tiny_digits(seed=None, **overrides):
       'training.snapshot_freq_for_preemption': 4, 'training.snapshot_sampling': False,
       'model.hidden': 16, 'model.num_layers': 1, 'model.embedding_dim': 16,
       'sampling.num_steps': 8, 'sampling.batch_size': 16, 'eval.num_samples': 40,
-      'eval.enable_loss': False, 'eval.enable_bpd': False,
+      'eval.enable_loss': False, 'eval.enable_bpd': False, 'eval.enable_elbo': False,
   }
   settings.update(overrides)
   config = load_config('default', **settings)

@@ -64,6 +64,7 @@ def test_keep_fraction_matches_rate():
   assert abs(float(jnp.mean(mask)) - 0.9) < 5 * 6.7e-4
 
 
+@pytest.mark.slow  # the module-level test above checks the masks in the default set
 def test_network_in_train_mode_equals_flax_dropout(monkeypatch):
   """The U-Net's residual dropout draws the masks `nn.Dropout` would (same rng stream)."""
   import json
