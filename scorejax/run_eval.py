@@ -15,7 +15,8 @@ Evaluators (enabled by config):
             reverse-SDE model (`scorejax.elbo`, `eval.elbo_num_times` forwards per example)
             in bits/dim on the same dequantized batches as 'bpd' (nats for 2-D data): an
             upper bound on the bits/dim of the SDE samplers' model, where 'bpd' is the
-            exact bits/dim of the probability-flow ODE's.
+            exact bits/dim of the probability-flow ODE's (class-conditional models: also
+            given the label, `bpd_elbo_conditional`).
   'samples' (`eval.enable_sampling`): `eval.num_samples` samples drawn over all devices
             into resumable shards `eval/ckpt_<step>/sampler_<tag>/samples_<k>.npz` (one
             folder per sampler settings), then their quality:
@@ -52,8 +53,8 @@ from scorejax.models import make_model
 EVAL_MODE_STREAM = 5  # fold_in constant of the eval-mode key
 ELBO_STREAM = 1  # fold_in constant of the bound's key (apart from the likelihood's)
 # Headline numbers printed after each checkpoint.
-SUMMARY_KEYS = ('eval_loss', 'bpd', 'bpd_median', 'bpd_conditional', 'bpd_elbo', 'nll',
-                'nll_elbo', 'true_nll',
+SUMMARY_KEYS = ('eval_loss', 'bpd', 'bpd_median', 'bpd_conditional', 'bpd_elbo',
+                'bpd_elbo_conditional', 'nll', 'nll_elbo', 'true_nll',
                 'digits_fid', 'digits_is', 'accuracy', 'fid', 'inception_score', 'kid',
                 'sample_swd', 'sample_mmd', 'sample_nll')
 
@@ -195,21 +196,32 @@ def evaluate_elbo(context: EvalContext) -> dict[str, float]:
   """The variational bound of `scorejax.elbo` on the bits/dim batches (nats for 2-D data).
 
   `bpd_elbo_prior` is the prior's KL term (bits/dim): it shows whether `p_T` reaches the
-  prior. A class-conditional model is bounded through its "no class" part."""
+  prior. A class-conditional model gets `bpd_elbo` of its "no class" part and
+  `bpd_elbo_conditional`, the bound on `-log p(x | y)` with each test image's label (the same
+  times and noise)."""
   from scorejax import elbo
 
   config = context.config
   toy = run_common.is_toy(config)
   score_fn = run_common.score_fn_builder(config, context.model, context.sde)
-  bound_fn = jax.jit(lambda key, params, x: elbo.negative_elbo(
-      key, score_fn(params), context.sde, x, num_times=config.eval.elbo_num_times))
-  values, priors, true_nll = [], [], []
+  bound = lambda key, score, x: elbo.negative_elbo(key, score, context.sde, x,
+                                                   num_times=config.eval.elbo_num_times)
+  bound_fn = jax.jit(lambda key, params, x: bound(key, score_fn(params), x))
+  conditional = run_common.is_class_conditional(config) and not toy
+  if conditional:
+    class_score_fn = run_common.class_score_fn_builder(config, context.model, context.sde)
+    class_bound_fn = jax.jit(lambda key, params, x, y: bound(
+        key, lambda x_, t_: class_score_fn(params)(x_, t_, y), x)[0])
+  values, conditional_values, priors, true_nll = [], [], [], []
   for key, batch in _likelihood_batches(context,
                                         jax.random.fold_in(context.key, ELBO_STREAM)):
     x = jnp.asarray(batch['image'])
-    bound, terms = bound_fn(key, context.params, x)
-    values.append(np.asarray(bound, np.float64) if toy else _to_bpd(config, bound, 1.0))
+    value, terms = bound_fn(key, context.params, x)
+    values.append(np.asarray(value, np.float64) if toy else _to_bpd(config, value, 1.0))
     priors.append(np.asarray(terms['prior'], np.float64))
+    if conditional:
+      given = class_bound_fn(key, context.params, x, jnp.asarray(batch['label']))
+      conditional_values.append(_to_bpd(config, given, 1.0))
     if toy:
       true_nll.append(_true_nll(config, x))
   values, prior = np.concatenate(values), float(np.concatenate(priors).mean())
@@ -217,7 +229,12 @@ def evaluate_elbo(context: EvalContext) -> dict[str, float]:
     return {'nll_elbo': float(values.mean()), 'nll_elbo_prior': prior,
             'true_nll': float(np.concatenate(true_nll).mean())}
   dim = int(np.prod(run_common.element_shape(config)))
-  return {**_summary('bpd_elbo', values), 'bpd_elbo_prior': prior / (dim * math.log(2))}
+  result = {**_summary('bpd_elbo', values), 'bpd_elbo_prior': prior / (dim * math.log(2))}
+  if conditional:
+    given = np.concatenate(conditional_values)
+    result.update(bpd_elbo_conditional=float(given.mean()),
+                  bpd_elbo_conditional_median=float(np.median(given)))
+  return result
 
 
 EVALUATORS: dict[str, Callable[[EvalContext], dict[str, float]]] = {
