@@ -200,7 +200,7 @@ def _adaptive_sample(key, score_fn, sde, shape, rtol, atol, h_init, safety, expo
     active = t > eps
     h_step, t_next = attempted_step(t, h, eps)
     w_next = path_values(paths, t_next)
-    noise = (w - w_next) / batch_mul(jnp.sqrt(jnp.where(active, h_step, 1.0)), jnp.ones_like(x))
+    noise = batch_mul(1.0 / jnp.sqrt(jnp.where(active, h_step, 1.0)), w - w_next)
     x, x_prev, t, h, accept = step(x, x_prev, t, h, noise)
     w = _where(accept, w_next, w)
     return (k + 1, x, x_prev, t, h, w, accepted + accept, rejected + (active & ~accept))

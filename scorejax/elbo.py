@@ -66,7 +66,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scorejax import checks, likelihood, losses
+from scorejax import checks, fast_solvers, likelihood, losses
 from scorejax import sde as sde_lib
 
 Array = jax.Array
@@ -78,8 +78,8 @@ TERMS = ('decoder', 'prior', 'diffusion')
 
 
 def _decoder_term(sde: sde_lib.SDE, dim: int, eps: float) -> Array:
-  alpha, sigma = sde.marginal_prob(jnp.ones((1,)), jnp.full((1,), eps, jnp.float32))
-  return 0.5 * dim * (1.0 + jnp.log(2.0 * math.pi * (sigma[0] / alpha[0]) ** 2))
+  alpha, sigma = fast_solvers.kernel(sde, eps)
+  return 0.5 * dim * (1.0 + jnp.log(2.0 * math.pi * (sigma / alpha) ** 2))
 
 
 def _prior_term(sde: sde_lib.SDE, x0: Array) -> Array:
@@ -89,12 +89,6 @@ def _prior_term(sde: sde_lib.SDE, x0: Array) -> Array:
   dim = int(np.prod(x0.shape[1:]))
   squares = jnp.sum(mean.reshape(x0.shape[0], -1) ** 2, axis=-1) / variance
   return 0.5 * (dim * (ratio - 1.0 - jnp.log(ratio)) + squares)
-
-
-def _control_coefficient(sde: sde_lib.SDE, t: Array) -> Array:
-  """`c(t) = (alpha_t^2 / (alpha_t^2 + sigma_t^2))^2` of the control variate (docstring)."""
-  alpha, sigma = sde.marginal_prob(jnp.ones_like(t), t)
-  return (alpha**2 / (alpha**2 + sigma**2)) ** 2
 
 
 @functools.partial(jax.jit, static_argnames=('score_fn', 'num_times'))
@@ -107,10 +101,11 @@ def _negative_elbo(key, score_fn, sde, x0, num_times, eps):
     u = (m + jax.random.uniform(key_u, (batch,))) / num_times  # stratum m of [0, 1)
     t = losses.importance_times(sde, u, eps)
     z = jax.random.normal(key_z, x0.shape, x0.dtype).reshape(batch, -1)
-    mean, sigma = sde.marginal_prob(x0, t)
-    xt = mean + sde_lib.batch_mul(sigma, z.reshape(x0.shape))
+    alpha, sigma = fast_solvers.kernel(sde, t)
+    xt = sde_lib.batch_mul(alpha, x0) + sde_lib.batch_mul(sigma, z.reshape(x0.shape))
     scaled = sde_lib.batch_mul(sigma, sde_lib.evaluate_score(score_fn, xt, t)).reshape(batch, -1)
-    control = _control_coefficient(sde, t) * 0.5 * (jnp.sum(z**2, axis=-1) - dim)
+    # The control variate's coefficient c_t = (alpha^2 / (alpha^2 + sigma^2))^2 (docstring).
+    control = (alpha**2 / (alpha**2 + sigma**2)) ** 2 * 0.5 * (jnp.sum(z**2, axis=-1) - dim)
     return total + normalizer * (0.5 * jnp.sum((scaled + z) ** 2, axis=-1) - control), None
 
   total, _ = jax.lax.scan(stratum, jnp.zeros((batch,), jnp.float32), jnp.arange(num_times))
