@@ -43,6 +43,8 @@ def get_default_configs() -> ml_collections.ConfigDict:
   training.batch_size = 128  # global batch size (all devices / hosts)
   training.n_iters = 8000  # total optimizer steps
   training.n_jitted_steps = 1  # steps fused into one compiled call (lax.scan)
+  training.grad_accum_steps = 1  # micro-batches per update (gradient accumulation): the same
+  # update from batch_size / grad_accum_steps rows in memory at a time
   training.log_freq = 50  # steps between metric logs (a multiple of n_jitted_steps)
   training.eval_freq = 500  # steps between losses on a test batch
   training.snapshot_freq = 1000  # steps between kept checkpoints (and sample grids)

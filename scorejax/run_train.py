@@ -2,8 +2,9 @@
 
 Data parallel over every device of every process: the `TrainState` is replicated and
 each batch is split along the `('data',)` mesh axis, in one jitted, state-donating step
-(`train.make_train_step`, `training.n_jitted_steps` updates per call). Each process
-reads its own rows of every global batch (`datasets.make_dataset`).
+(`train.make_train_step`, `training.n_jitted_steps` updates per call; each update over
+`training.grad_accum_steps` micro-batches when the batch does not fit in memory at once).
+Each process reads its own rows of every global batch (`datasets.make_dataset`).
 
 Resumable and deterministic: update `s` uses the key `fold_in(key, s)` and the batch
 `batch_at(s)` (a function of seed and step), and the data position is saved with every
@@ -28,7 +29,7 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from scorejax import checkpoints, distributed, images, run_common, toy_data
+from scorejax import checkpoints, checks, distributed, images, run_common, toy_data
 from scorejax.checkpoints import Checkpointer
 from scorejax.logging_utils import MetricWriter, read_jsonl
 from scorejax.models import make_model
@@ -54,6 +55,19 @@ def _check_frequencies(training) -> None:
           f'training.{name}={value} must be a positive multiple of '
           f'training.n_jitted_steps={n}'
       )
+
+
+def _check_accumulation(training) -> None:
+  """`training.grad_accum_steps` must split the batch into equal shares on every device."""
+  k = training.grad_accum_steps
+  checks.check_count('training.grad_accum_steps', k)
+  devices = jax.device_count()
+  if training.batch_size % (k * devices):
+    raise ValueError(
+        f'training.batch_size={training.batch_size} must be divisible by '
+        f'training.grad_accum_steps={k} times the number of devices ({devices}): every '
+        f'micro-batch is split evenly over the devices'
+    )
 
 
 def _crossed(previous: int, current: int, freq: int) -> bool:
@@ -134,6 +148,8 @@ def validate(config, workdir: str) -> None:
     DatasetNotPreparedError: the data is not available locally (says how to prepare it).
   """
   _check_frequencies(config.training)
+  distributed.process_batch_slice(config.training.batch_size)
+  _check_accumulation(config.training)
   sde = run_common.make_sde(config)
   try:  # resuming: the checkpoint must keep its meaning
     checkpoints.find_step_dir(workdir)
@@ -147,7 +163,6 @@ def validate(config, workdir: str) -> None:
     raise ValueError(f'training settings: {error}') from None
   if config.training.snapshot_sampling:
     run_common.check_sampling(config)
-  distributed.process_batch_slice(config.training.batch_size)
   run_common.check_class_labels(config)
   for split in ('train', 'test'):
     run_common.make_data(config, split, config.training.batch_size)
@@ -172,6 +187,7 @@ def run(config, workdir: str) -> dict:
   stacked_batch = distributed.batch_sharding(mesh, leading_axes=1)
   flat_batch = distributed.batch_sharding(mesh)
   distributed.process_batch_slice(training.batch_size)  # checks divisibility
+  _check_accumulation(training)
 
   key = jax.random.key(config.seed)
   train_key = jax.random.fold_in(key, TRAIN_STREAM)
@@ -201,13 +217,14 @@ def run(config, workdir: str) -> dict:
 
   loss_fn = run_common.make_loss_fn(config, model, sde)
   train_step = jax.jit(
-      make_train_step(loss_fn, optimizer, ema_rate=config.model.ema_rate, lr_schedule=schedule),
+      make_train_step(loss_fn, optimizer, ema_rate=config.model.ema_rate, lr_schedule=schedule,
+                      accum_steps=training.grad_accum_steps),
       in_shardings=(replicated, stacked_batch, replicated),
       out_shardings=(replicated, replicated),
       donate_argnums=0,
   )
   eval_loss_fn = run_common.make_loss_fn(config, model, sde, train=False)
-  eval_step = jax.jit(make_eval_step(eval_loss_fn),
+  eval_step = jax.jit(make_eval_step(eval_loss_fn, training.grad_accum_steps),
                       in_shardings=(replicated, flat_batch, replicated), out_shardings=replicated)
   eval_data = run_common.make_data(config, 'test', training.batch_size)
   snapshot_count = config.sampling.num_samples

@@ -158,6 +158,30 @@ def test_training_rejects_bad_objective_settings_up_front(tmp_path, overrides, e
   assert expected in str(error.value)
 
 
+@pytest.mark.parametrize('accum, expected', [
+    (0, r'^training.grad_accum_steps must be an integer >= 1, got 0$'),
+    (3, r'^training.batch_size=32 must be divisible by training.grad_accum_steps=3 times the '
+        r'number of devices \(\d\): every micro-batch is split evenly over the devices$'),
+])
+def test_training_rejects_bad_accumulation_up_front(tmp_path, accum, expected):
+  with pytest.raises(ValueError, match=expected):
+    run_train.validate(load_config(**{'training.grad_accum_steps': accum,
+                                      'training.batch_size': 32}), str(tmp_path))
+  assert not tmp_path.joinpath('checkpoints').exists()
+
+
+def test_training_with_gradient_accumulation(tmp_path):
+  """Micro-batches of 32 / 4 rows per device share; the eval loss over micro-batches too."""
+  config = load_config(**{'training.grad_accum_steps': 4, 'training.batch_size': 32,
+                          'training.n_iters': 10, 'training.snapshot_sampling': False})
+  run_train.validate(config, str(tmp_path))
+  assert run_train.run(config, str(tmp_path)) == {'step': 10, 'status': 'done'}
+  records = read_jsonl(tmp_path / 'metrics.jsonl')
+  logged = [r for r in records if 'loss' in r]
+  assert logged and all(np.isfinite(r['loss']) and r['loss_std'] > 0 for r in logged)
+  assert [r for r in records if 'eval_loss' in r]
+
+
 def test_default_config_is_the_digits_model():
   config = load_config('default')
   assert config.data.dataset == 'digits' and config.data.image_size == 8
@@ -397,10 +421,13 @@ def test_sigterm_saves_a_preemption_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_process(tmp_path):
-  """Two CPU processes (gloo collectives) with the same global batch match one process."""
+@pytest.mark.parametrize('accum', [1, 2])
+def test_two_processes_equal_one_process(tmp_path, accum):
+  """Two CPU processes (gloo collectives) with the same global batch match one process,
+  with and without gradient accumulation (micro-batches interleave the processes' rows)."""
   args = ['--config=configs/smoke.py', '--config.training.n_iters=10',
-          '--config.training.snapshot_freq=10', '--config.training.snapshot_sampling=False']
+          '--config.training.snapshot_freq=10', '--config.training.snapshot_sampling=False',
+          f'--config.training.grad_accum_steps={accum}']
   one_device = {'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
   two_devices = {'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
   run_main(f'--workdir={tmp_path / "single"}', *args, env=two_devices)

@@ -162,3 +162,117 @@ def test_default_cpu_device_count_divides_batch():
   assert distributed.default_cpu_device_count(6, cores=4) == 3
   assert distributed.default_cpu_device_count(7, cores=4) == 1
   assert distributed.default_cpu_device_count(2, cores=16) == 2
+
+
+def _per_row_loss(key, params, batch):
+  """A loss that draws no randomness, with the spread metrics of `losses`' losses: the
+  accumulated update must equal the whole-batch one."""
+  del key
+  x = batch['x']
+  residual = x @ params['w'] + params['b'] - batch['y'] + 0.1 * jnp.sum(batch['extra'],
+                                                                          axis=(1, 2))
+  rows = residual**2
+  loss = jnp.mean(rows)
+  return loss, {'loss': loss, 'loss_std': jnp.std(rows), 'loss_max': jnp.max(rows),
+                'loss_min': jnp.min(rows), 'mean_x': jnp.mean(x)}
+
+
+def _data_with_extra(step, batch_size=8):
+  data = _data(step, batch_size)
+  data['extra'] = np.random.default_rng([9, step]).normal(size=(batch_size, 2, 3)).astype(
+      np.float32)
+  return data
+
+
+@pytest.mark.parametrize('accum_steps', [2, 4, 8])
+def test_accumulated_step_equals_whole_batch_step(accum_steps):
+  """Gradient accumulation changes memory, not the update: the state and every metric
+  (mean, pooled std, max, min) equal the one-pass step's, over two fused updates."""
+  optimizer = make_optimizer('Adam', lr=1e-2, warmup=1, grad_clip=1.0)
+  batches = jax.tree.map(lambda *x: np.stack(x), *[_data_with_extra(s) for s in range(2)])
+  key = jax.random.key(4)
+  outputs = []
+  for k in (1, accum_steps):
+    step_fn = jax.jit(make_train_step(_per_row_loss, optimizer, ema_rate=0.9, accum_steps=k))
+    outputs.append(step_fn(create_train_state(_params(), optimizer), batches, key))
+  (whole, whole_metrics), (accumulated, metrics) = outputs
+  for a, b in zip(jax.tree.leaves(accumulated), jax.tree.leaves(whole), strict=True):
+    np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7)
+  assert set(metrics) == set(whole_metrics)
+  for name in whole_metrics:
+    np.testing.assert_allclose(metrics[name], whole_metrics[name], rtol=2e-6, atol=1e-7,
+                               err_msg=name)
+
+
+def test_accumulated_step_keys_and_rows():
+  """Micro-batch m holds rows m, m + k, ... and draws with fold_in(step key, m); the update
+  applies the mean of their gradients."""
+  optimizer = make_optimizer('Adam', lr=1e-2, warmup=0)
+  state = create_train_state(_params(), optimizer)
+  key = jax.random.key(5)
+  batch = _data(3)
+  step_fn = jax.jit(make_train_step(_quadratic_loss, optimizer, ema_rate=0.5, accum_steps=2))
+  new_state, metrics = step_fn(state, jax.tree.map(lambda x: x[None], batch), key)
+
+  step_key = jax.random.fold_in(key, 0)
+  grad = jax.grad(lambda p, k, b: _quadratic_loss(k, p, b)[0])
+  parts = [jax.tree.map(lambda x, m=m: x[m::2], batch) for m in range(2)]
+  grads = [grad(state.params, jax.random.fold_in(step_key, m), part)
+           for m, part in enumerate(parts)]
+  mean_grads = jax.tree.map(lambda a, b: 0.5 * (a + b), *grads)
+  updates, _ = optimizer.update(mean_grads, optimizer.init(state.params), state.params)
+  expected = optax.apply_updates(state.params, updates)
+  for name in ('w', 'b'):
+    np.testing.assert_allclose(new_state.params[name], expected[name], rtol=1e-6, atol=1e-7)
+  losses = [_quadratic_loss(jax.random.fold_in(step_key, m), state.params, part)[0]
+            for m, part in enumerate(parts)]
+  np.testing.assert_allclose(metrics['loss'][0], np.mean(losses), rtol=1e-6)
+  np.testing.assert_allclose(metrics['grad_norm'][0], optax.global_norm(mean_grads), rtol=1e-6)
+
+
+def test_accumulated_sharded_step_equals_single_device():
+  """Micro-batches over the 2-device mesh give the single-device result."""
+  if jax.device_count() < 2:
+    pytest.skip('needs 2 devices (XLA_FLAGS=--xla_force_host_platform_device_count=2)')
+  optimizer = make_optimizer('Adam', lr=1e-2, warmup=0)
+  step_fn = make_train_step(_quadratic_loss, optimizer, ema_rate=0.9, accum_steps=2)
+  key = jax.random.key(6)
+  batches = jax.tree.map(lambda *x: np.stack(x), *[_data(s) for s in range(2)])
+  single_state, single_metrics = jax.jit(step_fn)(
+      create_train_state(_params(), optimizer), batches, key)
+
+  mesh = distributed.make_mesh()
+  replicated = distributed.replicated_sharding(mesh)
+  stacked = distributed.batch_sharding(mesh, leading_axes=1)
+  sharded_fn = jax.jit(step_fn, in_shardings=(replicated, stacked, replicated),
+                       out_shardings=(replicated, replicated), donate_argnums=0)
+  state = jax.device_put(create_train_state(_params(), optimizer), replicated)
+  sharded_state, metrics = sharded_fn(
+      state, distributed.global_batch(batches, stacked, batch_axis=1), key)
+  for a, b in zip(jax.tree.leaves(sharded_state), jax.tree.leaves(single_state), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(metrics['loss'], single_metrics['loss'], rtol=1e-6)
+
+
+def test_accumulated_eval_step():
+  """The eval loss over micro-batches: the whole batch's for a loss without randomness, the
+  mean of the micro-batch losses (keys fold_in(key, m)) otherwise."""
+  batch = _data_with_extra(2)
+  key = jax.random.key(7)
+  np.testing.assert_allclose(make_eval_step(_per_row_loss, 4)(_params(), batch, key),
+                             _per_row_loss(key, _params(), batch)[0], rtol=1e-6)
+  expected = np.mean([_quadratic_loss(jax.random.fold_in(key, m), _params(),
+                                      jax.tree.map(lambda x, m=m: x[m::2], batch))[0]
+                      for m in range(2)])
+  np.testing.assert_allclose(make_eval_step(_quadratic_loss, 2)(_params(), batch, key),
+                             expected, rtol=1e-6)
+
+
+def test_accumulation_errors():
+  optimizer = make_optimizer('Adam', lr=1e-2)
+  with pytest.raises(ValueError, match=r'accum_steps must be an integer >= 1, got 0'):
+    make_train_step(_quadratic_loss, optimizer, ema_rate=0.9, accum_steps=0)
+  step_fn = make_train_step(_quadratic_loss, optimizer, ema_rate=0.9, accum_steps=3)
+  with pytest.raises(ValueError, match='batch of 8 rows does not split into 3 micro-batches'):
+    step_fn(create_train_state(_params(), optimizer), jax.tree.map(lambda x: x[None], _data(0)),
+            jax.random.key(0))
