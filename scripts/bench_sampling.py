@@ -297,6 +297,11 @@ CPU_FINDINGS = r"""Findings (profiles: `jax.profiler` traces summed per XLA op, 
   (0.96), YNNPACK fusions of dots and convolutions only (0.93) or with elementwise and reduce
   ops (1.01), no YNNPACK fusions (0.86, but only because the forward slows from 24 to 34 ms);
   parameters as compile-time constants (forward and sampler both ~3% faster, 0.94).
+  Session 15: the batch split into two independent halves inside the loop body (so the two
+  cores can run them side by side; one process, 7 interleaved rounds): the loop went from
+  18.2 to 17.6 ms per forward, but the same split made the standalone forward 5% faster too
+  (19.9 -> 18.8 ms), so split loop / split forward stays at 0.93; a faster forward, not a
+  cheaper loop.
 - **ODE: `method='rk45'`** (in-graph Dormand-Prince with scipy's exact step control:
   Hairer initial step, RMS norm of `err / (atol + rtol max(|y|, |y_new|))`, `0.9 err^-1/5`
   clipped to [0.2, 10], no growth after a rejection) takes **the same NFE as scipy RK45**
