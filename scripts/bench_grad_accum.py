@@ -38,6 +38,7 @@ os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'scripts'))
 
+import bench_train  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -51,8 +52,6 @@ SECTION = '## Gradient accumulation'
 
 def measure(config_name: str, batch_size: int, accum: int, steps: int) -> dict:
   """Compiles and times the sharded train step with `accum` micro-batches (this process)."""
-  import bench_train
-
   config = bench_train.load_config(config_name, batch_size, steps, None)
   config.training.grad_accum_steps = accum
   bench_train.use_synthetic_cifar10(config)
@@ -157,16 +156,7 @@ def main() -> None:
   text = '\n'.join(table) + '\n'
   print(text)
   if args.write:
-    path = ROOT / 'docs' / 'benchmarks.md'
-    existing = path.read_text()
-    if SECTION in existing:
-      head, _, rest = existing.partition(SECTION)
-      ends = [i for i in (rest.find('\n## '), rest.find('\n<!--')) if i >= 0]
-      tail = rest[min(ends):] if ends else ''  # up to the next section or marker
-      existing = head.rstrip('\n') + '\n\n' + text + tail
-    else:
-      existing = existing.rstrip('\n') + '\n\n' + text
-    path.write_text(existing)
+    bench_train.write_section(SECTION, text)
 
 
 if __name__ == '__main__':

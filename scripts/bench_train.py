@@ -203,15 +203,21 @@ def main() -> None:
   text = '\n'.join(table) + '\n'
   print(text)
   if args.write:
-    path = ROOT / 'docs' / 'benchmarks.md'
-    existing = path.read_text() if path.exists() else '# Benchmarks\n'
-    if SECTION in existing:
-      head, _, rest = existing.partition(SECTION)
-      tail = rest[rest.find('\n## '):] if '\n## ' in rest else ''
-      existing = head.rstrip('\n') + '\n\n' + text + tail
-    else:
-      existing = existing.rstrip('\n') + '\n\n' + text
-    path.write_text(existing)
+    write_section(SECTION, text)
+
+
+def write_section(section: str, text: str) -> None:
+  """Replaces `section` of docs/benchmarks.md (from its heading to the next `## ` heading or
+  `<!--` marker) by `text`, or appends `text` when the section is missing."""
+  path = ROOT / 'docs' / 'benchmarks.md'
+  existing = path.read_text() if path.exists() else '# Benchmarks\n'
+  if section in existing:
+    head, _, rest = existing.partition(section)
+    ends = [i for i in (rest.find('\n## '), rest.find('\n<!--')) if i >= 0]
+    existing = head.rstrip('\n') + '\n\n' + text + (rest[min(ends):] if ends else '')
+  else:
+    existing = existing.rstrip('\n') + '\n\n' + text
+  path.write_text(existing)
 
 
 if __name__ == '__main__':

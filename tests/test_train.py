@@ -125,6 +125,19 @@ def test_non_finite_loss_leaves_state_unchanged():
     np.testing.assert_array_equal(a, b)
 
 
+def _sharded_call(step_fn, state, batches, key):
+  """`step_fn` jitted as the train driver does (state replicated and donated, the batch split
+  over the ('data',) mesh of every device), called once."""
+  mesh = distributed.make_mesh()
+  replicated = distributed.replicated_sharding(mesh)
+  stacked = distributed.batch_sharding(mesh, leading_axes=1)
+  sharded_fn = jax.jit(step_fn, in_shardings=(replicated, stacked, replicated),
+                       out_shardings=(replicated, replicated), donate_argnums=0)
+  global_batch = distributed.global_batch(batches, stacked, batch_axis=1)
+  assert len(jax.tree.leaves(global_batch)[0].sharding.device_set) == jax.device_count()
+  return sharded_fn(jax.device_put(state, replicated), global_batch, key)
+
+
 def test_sharded_step_equals_single_device():
   """The ('data',) mesh over 2 CPU devices gives the single-device result (<= 1e-6)."""
   if jax.device_count() < 2:
@@ -135,16 +148,8 @@ def test_sharded_step_equals_single_device():
   batches = jax.tree.map(lambda *x: np.stack(x), *[_data(s) for s in range(2)])
 
   single_state, _ = jax.jit(step_fn)(create_train_state(_params(), optimizer), batches, key)
-
-  mesh = distributed.make_mesh()
-  replicated = distributed.replicated_sharding(mesh)
-  stacked = distributed.batch_sharding(mesh, leading_axes=1)
-  sharded_fn = jax.jit(step_fn, in_shardings=(replicated, stacked, replicated),
-                       out_shardings=(replicated, replicated), donate_argnums=0)
-  state = jax.device_put(create_train_state(_params(), optimizer), replicated)
-  global_batch = distributed.global_batch(batches, stacked, batch_axis=1)
-  assert len(global_batch['x'].sharding.device_set) == jax.device_count()
-  sharded_state, _ = sharded_fn(state, global_batch, key)
+  sharded_state, _ = _sharded_call(step_fn, create_train_state(_params(), optimizer), batches,
+                                   key)
   for a, b in zip(jax.tree.leaves(sharded_state), jax.tree.leaves(single_state), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
@@ -240,15 +245,8 @@ def test_accumulated_sharded_step_equals_single_device():
   batches = jax.tree.map(lambda *x: np.stack(x), *[_data(s) for s in range(2)])
   single_state, single_metrics = jax.jit(step_fn)(
       create_train_state(_params(), optimizer), batches, key)
-
-  mesh = distributed.make_mesh()
-  replicated = distributed.replicated_sharding(mesh)
-  stacked = distributed.batch_sharding(mesh, leading_axes=1)
-  sharded_fn = jax.jit(step_fn, in_shardings=(replicated, stacked, replicated),
-                       out_shardings=(replicated, replicated), donate_argnums=0)
-  state = jax.device_put(create_train_state(_params(), optimizer), replicated)
-  sharded_state, metrics = sharded_fn(
-      state, distributed.global_batch(batches, stacked, batch_axis=1), key)
+  sharded_state, metrics = _sharded_call(
+      step_fn, create_train_state(_params(), optimizer), batches, key)
   for a, b in zip(jax.tree.leaves(sharded_state), jax.tree.leaves(single_state), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(metrics['loss'], single_metrics['loss'], rtol=1e-6)
