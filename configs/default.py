@@ -51,6 +51,8 @@ def get_default_configs() -> ml_collections.ConfigDict:
   training.snapshot_freq_for_preemption = 200  # steps between preemption checkpoints
   training.snapshot_sampling = True  # draw a sample grid at every snapshot
   training.max_to_keep = 0  # kept periodic checkpoints; 0 keeps all
+  training.init_from = ''  # a run or converted checkpoint (workdir / step dir) whose params and
+  # EMA start a new run (fine-tuning; fresh optimizer, step 0); ignored when resuming
 
   # Sampling (score_sde names; used by snapshots and --mode=sample).
   config.sampling = sampling = ml_collections.ConfigDict()

@@ -171,14 +171,27 @@ def restore_params(
     FileNotFoundError: when there is no checkpoint.
     KeyError: when the checkpoint holds neither `params` nor `ema_params`.
   """
+  params, ema_params, step = restore_weights(path, step)
+  return (ema_params if use_ema else params), step
+
+
+def restore_weights(
+    path: str | pathlib.Path, step: int | None = None,
+) -> tuple[PyTree, PyTree, int]:
+  """`(params, ema_params, step)` of a checkpoint (train or imported) as host arrays, read
+  once; a checkpoint with only one of the two gives it for both.
+
+  Raises:
+    FileNotFoundError: when there is no checkpoint.
+    KeyError: when the checkpoint holds neither `params` nor `ema_params`.
+  """
   step_dir = find_step_dir(path, step)
   tree = jax.device_get(_restore_on_this_host(step_dir / 'state'))
-  names = [name for name in ('ema_params', 'params') if name in tree]
-  if not use_ema:
-    names.reverse()
-  if not names:
+  if 'params' not in tree and 'ema_params' not in tree:
     raise KeyError(f'{step_dir}/state holds neither params nor ema_params: {sorted(tree)}')
-  return tree[names[0]], int(step_dir.name) if step_dir.name.isdigit() else 0
+  params = tree.get('params', tree.get('ema_params'))
+  ema_params = tree.get('ema_params', params)
+  return params, ema_params, int(step_dir.name) if step_dir.name.isdigit() else 0
 
 
 class _ItemWithoutStepMetadata(logging.Filter):

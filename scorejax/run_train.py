@@ -23,6 +23,7 @@ from __future__ import annotations
 import pathlib
 import signal
 import time
+from typing import Any
 
 import jax
 import numpy as np
@@ -68,6 +69,51 @@ def _check_accumulation(training) -> None:
         f'training.grad_accum_steps={k} times the number of devices ({devices}): every '
         f'micro-batch is split evenly over the devices'
     )
+
+
+def _tree_shapes(tree) -> dict[str, tuple[int, ...]]:
+  return {jax.tree_util.keystr(path, simple=True, separator='/'): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _check_fits(expected, tree, what: str) -> None:
+  """Raises unless `tree` has the names and shapes of `expected` (the model's parameters)."""
+  want, have = _tree_shapes(expected), _tree_shapes(tree)
+  if want == have:
+    return
+  missing = sorted(set(want) - set(have))
+  extra = sorted(set(have) - set(want))
+  wrong = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+  parts = [f'{len(missing)} missing (e.g. {missing[0]})' if missing else '',
+           f'{len(extra)} not in this model (e.g. {extra[0]})' if extra else '',
+           f'{len(wrong)} of another shape (e.g. {wrong[0]}: {have[wrong[0]]} there, '
+           f'{want[wrong[0]]} here)' if wrong else '']
+  raise ValueError(f'{what} do not fit this model (set config.model and config.data as in '
+                   f'the run that wrote them): ' + ', '.join(p for p in parts if p))
+
+
+def initial_weights(config) -> tuple[Any, Any, int]:
+  """`(params, ema_params, step)` of `training.init_from` (a workdir, `checkpoints` directory
+  or step directory: another run's, or one written by `scripts/convert_checkpoint.py`),
+  checked against this config's model.
+
+  Raises:
+    FileNotFoundError: no checkpoint there.
+    ValueError: the source was trained with other model settings (its `config.json`), or
+      its parameters' names or shapes are not this model's.
+  """
+  source = config.training.init_from
+  try:
+    run_common.check_trained_settings(config, source)
+  except ValueError as error:
+    raise ValueError(f'training.init_from: {error}') from None
+  params, ema_params, step = checkpoints.restore_weights(source)
+  model = make_model(config)
+  expected = jax.eval_shape(lambda key: run_common.init_params(
+      model, key, run_common.element_shape(config)), jax.random.key(0))
+  _check_fits(expected, params, f'training.init_from={source}: the parameters of step {step}')
+  _check_fits(expected, ema_params, f'training.init_from={source}: the EMA of step {step}')
+  return params, ema_params, step
 
 
 def _crossed(previous: int, current: int, freq: int) -> bool:
@@ -154,7 +200,8 @@ def validate(config, workdir: str) -> None:
   try:  # resuming: the checkpoint must keep its meaning
     checkpoints.find_step_dir(workdir)
   except FileNotFoundError:
-    pass
+    if config.training.init_from:  # a new run started from other weights
+      initial_weights(config)
   else:
     run_common.check_trained_settings(config, workdir)
   try:  # the objective's own checks; the model is only needed when the loss is called
@@ -210,7 +257,15 @@ def run(config, workdir: str) -> dict:
   if restored is not None:
     state, meta, ckpt_step = restored
     data_state = meta.get('data', {'step': ckpt_step})
-    logging.info('resumed from checkpoint at step %d', ckpt_step)
+    logging.info('resumed from checkpoint at step %d%s', ckpt_step,
+                 ' (training.init_from is read only by a new run)' if training.init_from else '')
+  elif training.init_from:
+    params, ema_params, source_step = initial_weights(config)
+    state = jax.jit(
+        lambda p, e: create_train_state(p, optimizer).replace(ema_params=e),
+        out_shardings=replicated)(params, ema_params)
+    logging.info('parameters and EMA from %s (step %d); optimizer state fresh, step 0',
+                 training.init_from, source_step)
   step = int(run_common.host_array(state.step))
   if data_state['step'] != step:
     raise TrainingError(f'checkpoint data position {data_state} does not match step {step}')

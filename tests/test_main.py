@@ -318,6 +318,51 @@ def test_bits_per_dim_offset(dataset, centered, expected):
   assert run_eval.bits_per_dim_offset(config) == pytest.approx(expected)
 
 
+def test_init_from_starts_a_new_run_from_other_weights(tmp_path):
+  """`training.init_from`: a new run starts from another run's parameters and EMA (step 0,
+  fresh optimizer). With a zero learning rate Adam moves nothing, so the parameters stay the
+  source's and the EMA moves toward them in closed form: ema_k = p + rate^k (ema_0 - p)."""
+  source = tmp_path / 'source'
+  run_train.run(load_config(**{'training.n_iters': 10, 'training.snapshot_sampling': False}),
+                str(source))
+  config = load_config(**{'training.init_from': str(source), 'training.n_iters': 5,
+                          'training.snapshot_freq': 5, 'training.snapshot_sampling': False,
+                          'optim.lr': 0.0, 'optim.warmup': 0})
+  run_train.validate(config, str(tmp_path / 'tuned'))
+  assert run_train.run(config, str(tmp_path / 'tuned')) == {'step': 5, 'status': 'done'}
+  params, ema, step = checkpoints.restore_weights(source)
+  tuned_params, tuned_ema, tuned_step = checkpoints.restore_weights(tmp_path / 'tuned')
+  assert (step, tuned_step) == (10, 5)
+  assert_trees_equal(tuned_params, params)
+  rate = config.model.ema_rate
+  expected = jax.tree.map(lambda p, e: p + rate**5 * (e - p), params, ema)
+  assert_trees_equal(tuned_ema, expected, atol=1e-6)
+  assert not np.allclose(jax.tree.leaves(ema)[0], jax.tree.leaves(params)[0])  # EMA != params
+
+
+def test_init_from_checks_the_source_up_front(tmp_path):
+  source = tmp_path / 'source'
+  trained = load_config(**{'training.n_iters': 5, 'training.snapshot_freq': 5,
+                           'training.snapshot_sampling': False, 'model.hidden': 8})
+  run_train.run(trained, str(source))
+  new = tmp_path / 'new'
+  with pytest.raises(FileNotFoundError, match='no checkpoint under'):
+    run_train.validate(load_config(**{'training.init_from': str(tmp_path / 'nothing')}),
+                       str(new))
+  # Without the source's config.json (e.g. an imported checkpoint): names and shapes.
+  with pytest.raises(ValueError, match=r'^training.init_from=.*: the parameters of step 5 do '
+                                       r'not fit this model .*of another shape \(e.g. '):
+    run_train.validate(load_config(**{'training.init_from': str(source)}), str(new))
+  # With it (as main.py writes it): the settings, with the flags that match them.
+  _write_trained_config(source, trained)
+  with pytest.raises(ValueError, match=r'^training.init_from: the model in .* was trained '
+                                       r'with model.hidden=8 \(here 16\)'):
+    run_train.validate(load_config(**{'training.init_from': str(source)}), str(new))
+  assert not new.exists()
+  run_train.validate(load_config(**{'training.init_from': str(source), 'model.hidden': 8}),
+                     str(new))
+
+
 def test_resume_gives_identical_parameters(tmp_path):
   """Stopping at step 10 (of 20) and rerunning gives the uninterrupted run's state, bit for bit."""
   run_train.run(load_config(), str(tmp_path / 'straight'))

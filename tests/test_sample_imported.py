@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from scorejax import convert, run_sample
+from scorejax import convert, run_sample, run_train
 from scorejax.models import make_model
 from tests.conftest import nchw_to_nhwc
 from tests.test_convert import _load, _write_pth
@@ -133,3 +133,21 @@ def test_main_sample_mode_samples_the_imported_checkpoint(imported, tmp_path):
   np.testing.assert_allclose(np.load(result['path'])['samples'], ema_samples['samples'],
                              atol=1e-4)
 
+
+
+@pytest.mark.slow
+def test_training_can_start_from_an_imported_checkpoint(imported, tmp_path):
+  """`training.init_from` reads a converted `.pth` as a new run's starting point: the raw
+  weights give the golden outputs, the EMA is the reference's shadow."""
+  workdir, pth = imported
+  _, _, io = _load('ddpmpp_small')
+  config = load_config('vp_cifar', **NETWORK, **{'training.init_from': str(workdir)})
+  params, ema, step = run_train.initial_weights(config)
+  assert step == 2
+  _assert_per_sample(_outputs(config, params, io), io['out'])
+  _, expected, _ = convert.pth_to_variables(convert.load_pth(pth), config)
+  jax.tree.map(np.testing.assert_array_equal, ema, expected['params'])
+  other = load_config('vp_cifar', **{**NETWORK, 'model.nf': 64},
+                      **{'training.init_from': str(workdir)})
+  with pytest.raises(ValueError, match='do not fit this model'):
+    run_train.initial_weights(other)
