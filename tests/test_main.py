@@ -466,13 +466,17 @@ def test_sigterm_saves_a_preemption_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('accum', [1, 2])
-def test_two_processes_equal_one_process(tmp_path, accum):
-  """Two CPU processes (gloo collectives) with the same global batch match one process,
-  with and without gradient accumulation (micro-batches interleave the processes' rows)."""
+@pytest.mark.parametrize('accum, init_from', [(1, False), (2, False), (1, True)])
+def test_two_processes_equal_one_process(tmp_path, accum, init_from):
+  """Two CPU processes (gloo collectives) with the same global batch match one process:
+  plain, with gradient accumulation (micro-batches interleave the processes' rows), and
+  started from another run's weights (every process reads them)."""
   args = ['--config=configs/smoke.py', '--config.training.n_iters=10',
           '--config.training.snapshot_freq=10', '--config.training.snapshot_sampling=False',
           f'--config.training.grad_accum_steps={accum}']
+  if init_from:
+    run_train.run(load_config(**{'training.snapshot_sampling': False}), str(tmp_path / 'src'))
+    args.append(f'--config.training.init_from={tmp_path / "src"}')
   one_device = {'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
   two_devices = {'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
   run_main(f'--workdir={tmp_path / "single"}', *args, env=two_devices)
