@@ -76,12 +76,15 @@ def _sections_key(config: Any) -> str:
 
 
 @functools.lru_cache(maxsize=16)
-def _abstract_params(sections_key: str) -> tuple[dict, tuple[str, ...]]:
+def _abstract_params(sections_key: str, element_shape: tuple[int, ...] | None
+                     ) -> tuple[dict, tuple[str, ...]]:
   config = json.loads(sections_key)
   model = make_model(config)
-  data = ConfigSection(config, 'data')
-  size = int(data.require('image_size'))
-  x = jnp.zeros((1, size, size, int(data.get('num_channels', 3))), jnp.float32)
+  if element_shape is None:
+    data = ConfigSection(config, 'data')
+    size = int(data.require('image_size'))
+    element_shape = (size, size, int(data.get('num_channels', 3)))
+  x = jnp.zeros((1, *element_shape), jnp.float32)
   labels = jnp.ones((1,), jnp.float32)
   order: list[str] = []
 
@@ -97,7 +100,9 @@ def _abstract_params(sections_key: str) -> tuple[dict, tuple[str, ...]]:
   return variables['params'], tuple(order)
 
 
-def abstract_params(config: Any) -> tuple[dict, tuple[str, ...]]:
+def abstract_params(
+    config: Any, element_shape: tuple[int, ...] | None = None,
+) -> tuple[dict, tuple[str, ...]]:
   """Shapes of the network's parameters and its top-level submodules in call order.
 
   Traced once per distinct `model` / `data` sections (`jax.eval_shape`, nothing is
@@ -105,24 +110,36 @@ def abstract_params(config: Any) -> tuple[dict, tuple[str, ...]]:
 
   Args:
     config: a score_sde-style config (see `make_model`).
+    element_shape: the shape of one example (default: the `data` section's image,
+      `(image_size, image_size, num_channels)`; 2-D toys pass `(2,)`).
 
   Returns:
     `(params, call_order)`: `params` is the `params` collection of `ShapeDtypeStruct`s;
     `call_order` names the top-level submodules in the order the forward first calls
     them (parameter-free ones included).
   """
-  return _abstract_params(_sections_key(config))
+  return _abstract_params(_sections_key(config),
+                          None if element_shape is None else tuple(element_shape))
+
+
+def mismatched_params(
+    tree: Mapping, expected: Mapping,
+) -> tuple[list[str], list[str], list[tuple[str, tuple[int, ...], tuple[int, ...]]]]:
+  """How `tree` differs from `expected` (e.g. `abstract_params`): the sorted names (key
+  paths) missing from it, those it has in excess, and `(name, its shape, expected shape)`
+  for those of another shape. All empty when it fits."""
+  flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+  want = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(expected)}
+  reshaped = [(k, tuple(np.shape(flat[k])), tuple(want[k].shape))
+              for k in sorted(want.keys() & flat.keys())
+              if tuple(np.shape(flat[k])) != tuple(want[k].shape)]
+  return sorted(want.keys() - flat.keys()), sorted(flat.keys() - want.keys()), reshaped
 
 
 def _describe_mismatch(tree: Mapping, expected: Mapping) -> list[str]:
-  flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(tree)}
-  want = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(expected)}
-  problems = [f'missing {k}' for k in sorted(want.keys() - flat.keys())]
-  problems += [f'unexpected {k}' for k in sorted(flat.keys() - want.keys())]
-  problems += [f'{k}: shape {tuple(np.shape(flat[k]))}, expected {tuple(want[k].shape)}'
-               for k in sorted(want.keys() & flat.keys())
-               if tuple(np.shape(flat[k])) != tuple(want[k].shape)]
-  return problems
+  missing, unexpected, reshaped = mismatched_params(tree, expected)
+  return ([f'missing {k}' for k in missing] + [f'unexpected {k}' for k in unexpected]
+          + [f'{k}: shape {have}, expected {want}' for k, have, want in reshaped])
 
 
 def check_params(params: Mapping, config: Any) -> dict:

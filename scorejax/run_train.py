@@ -30,7 +30,7 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from scorejax import checkpoints, checks, distributed, images, run_common, toy_data
+from scorejax import checkpoints, checks, convert, distributed, images, run_common, toy_data
 from scorejax.checkpoints import Checkpointer
 from scorejax.logging_utils import MetricWriter, read_jsonl
 from scorejax.models import make_model
@@ -71,23 +71,15 @@ def _check_accumulation(training) -> None:
     )
 
 
-def _tree_shapes(tree) -> dict[str, tuple[int, ...]]:
-  return {jax.tree_util.keystr(path, simple=True, separator='/'): tuple(leaf.shape)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
 def _check_fits(expected, tree, what: str) -> None:
   """Raises unless `tree` has the names and shapes of `expected` (the model's parameters)."""
-  want, have = _tree_shapes(expected), _tree_shapes(tree)
-  if want == have:
+  missing, extra, wrong = convert.mismatched_params(tree, expected)
+  if not (missing or extra or wrong):
     return
-  missing = sorted(set(want) - set(have))
-  extra = sorted(set(have) - set(want))
-  wrong = sorted(k for k in set(want) & set(have) if want[k] != have[k])
   parts = [f'{len(missing)} missing (e.g. {missing[0]})' if missing else '',
            f'{len(extra)} not in this model (e.g. {extra[0]})' if extra else '',
-           f'{len(wrong)} of another shape (e.g. {wrong[0]}: {have[wrong[0]]} there, '
-           f'{want[wrong[0]]} here)' if wrong else '']
+           f'{len(wrong)} of another shape (e.g. {wrong[0][0]}: {wrong[0][1]} there, '
+           f'{wrong[0][2]} here)' if wrong else '']
   raise ValueError(f'{what} do not fit this model (set config.model and config.data as in '
                    f'the run that wrote them): ' + ', '.join(p for p in parts if p))
 
@@ -108,9 +100,7 @@ def initial_weights(config) -> tuple[Any, Any, int]:
   except ValueError as error:
     raise ValueError(f'training.init_from: {error}') from None
   params, ema_params, step = checkpoints.restore_weights(source)
-  model = make_model(config)
-  expected = jax.eval_shape(lambda key: run_common.init_params(
-      model, key, run_common.element_shape(config)), jax.random.key(0))
+  expected, _ = convert.abstract_params(config, run_common.element_shape(config))
   _check_fits(expected, params, f'training.init_from={source}: the parameters of step {step}')
   _check_fits(expected, ema_params, f'training.init_from={source}: the EMA of step {step}')
   return params, ema_params, step

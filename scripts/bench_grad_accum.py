@@ -42,10 +42,7 @@ import bench_train  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from scorejax import distributed, host_memory, run_common, run_train  # noqa: E402
-from scorejax.models import make_model  # noqa: E402
-from scorejax.train import make_train_step  # noqa: E402
-from scorejax.train_state import create_train_state  # noqa: E402
+from scorejax import host_memory, run_train  # noqa: E402
 
 SECTION = '## Gradient accumulation'
 
@@ -56,23 +53,7 @@ def measure(config_name: str, batch_size: int, accum: int, steps: int) -> dict:
   config.training.grad_accum_steps = accum
   bench_train.use_synthetic_cifar10(config)
   run_train.validate(config, '/nonexistent-workdir')
-  mesh = distributed.make_mesh()
-  replicated = distributed.replicated_sharding(mesh)
-  stacked = distributed.batch_sharding(mesh, leading_axes=1)
-  data = run_common.make_data(config, 'train', batch_size)
-  model = make_model(config)
-  optimizer, schedule = run_train.make_optimizer_from_config(config)
-  state = jax.jit(lambda k: create_train_state(
-      run_common.init_params(model, k, data.element_shape), optimizer),
-      out_shardings=replicated)(jax.random.key(0))
-  loss_fn = run_common.make_loss_fn(config, model, run_common.make_sde(config))
-  step_fn = jax.jit(
-      make_train_step(loss_fn, optimizer, ema_rate=config.model.ema_rate, lr_schedule=schedule,
-                      accum_steps=accum),
-      in_shardings=(replicated, stacked, replicated), out_shardings=(replicated, replicated),
-      donate_argnums=0)
-  batches = [distributed.global_batch(run_train._stack([data.batch_at(i)]), stacked, 1)
-             for i in range(2)]
+  step_fn, state, batches = bench_train.sharded_train_step(config, 2)
   key = jax.random.key(1)
   start = time.perf_counter()
   compiled = step_fn.lower(state, batches[0], key).compile()

@@ -108,8 +108,10 @@ def write_random_images(directory: pathlib.Path, count: int = 256, size: int = 3
       Image.fromarray(pixels).save(directory / split / f'{i}.png')
 
 
-def bare_step_rate(config, steps: int) -> float:
-  """Images/s of the jitted step alone, on device-resident batches (same sharding)."""
+def sharded_train_step(config, num_batches: int):
+  """`(step_fn, state, batches)`: the train step jitted as `run_train` does (state replicated
+  and donated, the batch split over every device; `training.grad_accum_steps` micro-batches),
+  a fresh state and `num_batches` device-resident single-update batches."""
   mesh = distributed.make_mesh()
   replicated = distributed.replicated_sharding(mesh)
   stacked = distributed.batch_sharding(mesh, leading_axes=1)
@@ -121,11 +123,18 @@ def bare_step_rate(config, steps: int) -> float:
       out_shardings=replicated)(jax.random.key(0))
   step_fn = jax.jit(
       make_train_step(run_common.make_loss_fn(config, model, run_common.make_sde(config)),
-                      optimizer, ema_rate=config.model.ema_rate, lr_schedule=schedule),
+                      optimizer, ema_rate=config.model.ema_rate, lr_schedule=schedule,
+                      accum_steps=config.training.grad_accum_steps),
       in_shardings=(replicated, stacked, replicated), out_shardings=(replicated, replicated),
       donate_argnums=0)
   batches = [distributed.global_batch(run_train._stack([data.batch_at(i)]), stacked, 1)
-             for i in range(4)]
+             for i in range(num_batches)]
+  return step_fn, state, batches
+
+
+def bare_step_rate(config, steps: int) -> float:
+  """Images/s of the jitted step alone, on device-resident batches (same sharding)."""
+  step_fn, state, batches = sharded_train_step(config, 4)
   key = jax.random.key(1)
   state, metrics = step_fn(state, batches[0], key)  # compile
   jax.block_until_ready(metrics)
